@@ -1,0 +1,292 @@
+"""The backend client: one aiohttp session for the process, the contract's rules per answer.
+
+Every failure a backend can produce (a timeout, a reset, a 5xx, a body that is not JSON or
+far too large) ends as a CallOutcome for that one user. Nothing here raises into the cycle
+except cancellation, which must propagate so that shutdown can cut in-flight calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urljoin
+
+import aiohttp
+
+from daemon import backoff
+from daemon.logs import get_logger
+from daemon.progress import Progress
+from daemon.settings import Settings
+from daemon.store import Claim, Outcome
+
+RETRY_DELAY_CAP_SECONDS = 60.0
+RETRY_AFTER_CAP_SECONDS = 300.0
+POLL_INTERVAL_START_SECONDS = 0.2
+POLL_INTERVAL_CAP_SECONDS = 10.0
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class CallOutcome:
+    """How one user's call ended, after retries."""
+
+    outcome: Outcome
+    status: int | None
+    attempts: int
+    error: str | None = None
+    counts: Mapping[str, Any] | None = None
+    auth_problem: bool = False
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One HTTP exchange, classified."""
+
+    outcome: Outcome
+    status: int | None
+    error: str | None = None
+    retryable: bool = False
+    retry_after: float | None = None
+    body: Any = None
+    progress_url: str | None = None
+
+
+class Gate:
+    """What every call passes before it is sent. The base gate lets everything through;
+    the circuit breaker and rate limiter of the resilience layer specialise it."""
+
+    async def wait(self) -> None:
+        return None
+
+    def record(self, attempt_ok: bool, retry_after: float | None) -> None:
+        return None
+
+
+class BackendClient:
+    """Calls SYNC_BACKEND_URL for one user, retrying what the contract says to retry."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        *,
+        gate: Gate | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._gate = gate or Gate()
+        self._rng = rng or random.Random()
+        self._sleep = sleep
+        self._clock = clock
+        self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_seconds)
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if settings.backend_token is not None:
+            self._headers["Authorization"] = f"Bearer {settings.backend_token.reveal()}"
+        self._payload = dict(settings.backend_payload)
+        self._log = get_logger(component="backend")
+
+    @staticmethod
+    def open_session(settings: Settings) -> aiohttp.ClientSession:
+        """The process-wide session: a connection pool sized to the concurrency."""
+        connector = aiohttp.TCPConnector(
+            limit=settings.concurrency, limit_per_host=settings.concurrency, ttl_dns_cache=300
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=settings.request_timeout_seconds),
+            raise_for_status=False,
+        )
+
+    async def sync_user(
+        self, claim: Claim, *, run_id: str, progress: Progress | None = None
+    ) -> CallOutcome:
+        """Call the backend for one user until it succeeds, refuses, or retries run out.
+
+        Each wait is declared to `progress` with its bound, so a call that hangs past
+        its own timeout shows up as a stalled cycle (and starves the watchdog).
+        """
+        watch = progress or Progress()
+        body = json.dumps({**self._payload, "user_id": claim.user_id, "email": claim.email})
+        headers = self._headers | {"Idempotency-Key": f"{run_id}-{claim.key}"}
+        attempts = 0
+        while True:
+            attempts += 1
+            with watch.bounded(RETRY_AFTER_CAP_SECONDS, "backend gate"):
+                await self._gate.wait()
+            with watch.bounded(self._settings.request_timeout_seconds, "backend call"):
+                result = await self._post(body, headers)
+            self._gate.record(not result.retryable, result.retry_after)
+            if result.progress_url is not None:
+                budget = self._poll_budget() + self._settings.request_timeout_seconds
+                with watch.bounded(budget, "backend progress polling"):
+                    result = await self._poll(result.progress_url, headers)
+            if not result.retryable or attempts > self._settings.max_retries:
+                return self._finish(result, attempts)
+            delay = backoff.full_jitter(
+                self._settings.retry_delay_seconds, attempts, RETRY_DELAY_CAP_SECONDS, self._rng
+            )
+            if result.retry_after is not None:
+                delay = max(delay, result.retry_after)
+            self._log.info(
+                "backend_retry",
+                user_id=claim.user_id,
+                run_id=run_id,
+                attempt=attempts,
+                status=result.status,
+                error=result.error,
+                delay_ms=round(delay * 1000),
+            )
+            with watch.bounded(delay, "backend retry delay"):
+                await self._sleep(delay)
+
+    def _finish(self, result: _Attempt, attempts: int) -> CallOutcome:
+        counts = result.body if isinstance(result.body, dict) else None
+        return CallOutcome(
+            outcome=result.outcome,
+            status=result.status,
+            attempts=attempts,
+            error=result.error,
+            counts=counts,
+            auth_problem=result.status in (401, 403),
+        )
+
+    async def _post(self, body: str, headers: Mapping[str, str]) -> _Attempt:
+        try:
+            async with self._session.post(
+                self._settings.backend_url, data=body, headers=headers, timeout=self._timeout
+            ) as response:
+                return await self._classify(response)
+        except TimeoutError:
+            return _Attempt(
+                Outcome.FAILED,
+                None,
+                f"timed out after {self._settings.request_timeout_seconds:g}s",
+                retryable=True,
+            )
+        except aiohttp.ClientError as exc:
+            return _Attempt(Outcome.FAILED, None, _describe(exc), retryable=True)
+
+    async def _classify(self, response: aiohttp.ClientResponse) -> _Attempt:
+        status = response.status
+        raw, too_large = await self._read_capped(response)
+        if too_large:
+            return _Attempt(
+                Outcome.FAILED,
+                status,
+                f"response body larger than {self._settings.response_max_bytes} bytes",
+            )
+        if status == 202:
+            body = _json_or_none(raw)
+            link = response.headers.get("Location") or (
+                body.get("check_progress") if isinstance(body, dict) else None
+            )
+            if not isinstance(link, str) or not link:
+                return _Attempt(Outcome.FAILED, status, "202 without a progress URL")
+            return _Attempt(
+                Outcome.FAILED,
+                status,
+                progress_url=urljoin(str(response.url), link),
+                body=body,
+            )
+        if 200 <= status < 300:
+            if not raw.strip():
+                return _Attempt(Outcome.SUCCESS, status)
+            body = _json_or_none(raw)
+            if not isinstance(body, dict):
+                return _Attempt(Outcome.FAILED, status, "response body is not a JSON object")
+            return _Attempt(Outcome.SUCCESS, status, body=body)
+        if status == 409:
+            return _Attempt(Outcome.CONFLICT, status, "a sync for this user is already running")
+        error = f"HTTP {status} {response.reason or ''}".strip()
+        if status in RETRYABLE_STATUSES:
+            wait = None
+            if status in (429, 503):
+                wait = backoff.retry_after(
+                    response.headers.get("Retry-After"),
+                    datetime.now(UTC),
+                    RETRY_AFTER_CAP_SECONDS,
+                )
+            return _Attempt(Outcome.FAILED, status, error, retryable=True, retry_after=wait)
+        if status in (401, 403):
+            error = f"{error}: the backend refused our credentials (check SYNC_BACKEND_TOKEN_FILE)"
+        return _Attempt(Outcome.FAILED, status, error)
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+        """Read at most SYNC_RESPONSE_MAX_BYTES; a larger body is a failure, not a crash."""
+        cap = self._settings.response_max_bytes
+        if response.content_length is not None and response.content_length > cap:
+            return b"", True
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await response.content.read(cap + 1 - size)
+            if not chunk:
+                return b"".join(chunks), False
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > cap:
+                return b"", True
+
+    async def _poll(self, url: str, headers: Mapping[str, str]) -> _Attempt:
+        """Follow a 202 until the backend's background sync is no longer in progress."""
+        deadline = self._clock() + self._poll_budget()
+        interval = POLL_INTERVAL_START_SECONDS
+        poll_headers = {k: v for k, v in headers.items() if k != "Content-Type"}
+        failures = 0
+        while True:
+            await self._sleep(min(interval, max(0.0, deadline - self._clock())))
+            if self._clock() >= deadline:
+                return _Attempt(Outcome.FAILED, 202, "progress polling deadline passed")
+            interval = min(interval * 2, POLL_INTERVAL_CAP_SECONDS)
+            try:
+                async with self._session.get(
+                    url, headers=poll_headers, timeout=self._timeout
+                ) as response:
+                    raw, too_large = await self._read_capped(response)
+                    status = response.status
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                failures += 1
+                if failures > self._settings.max_retries:
+                    return _Attempt(Outcome.FAILED, None, f"progress polling: {_describe(exc)}")
+                continue
+            body = None if too_large else _json_or_none(raw)
+            if status != 200 or not isinstance(body, dict):
+                failures += 1
+                if failures > self._settings.max_retries:
+                    return _Attempt(Outcome.FAILED, status, "progress polling: bad answer")
+                continue
+            if body.get("in_progress"):
+                continue
+            last = body.get("last_result")
+            if isinstance(last, dict) and last.get("success") is True:
+                return _Attempt(Outcome.SUCCESS, 200, body=last)
+            message = last.get("message") if isinstance(last, dict) else None
+            return _Attempt(
+                Outcome.FAILED, 200, f"background sync failed: {message or 'no result'}"
+            )
+
+    def _poll_budget(self) -> float:
+        """How long one user's background sync may take before we give up on it."""
+        return max(self._settings.request_timeout_seconds * 4, 60.0)
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}"[:300] if text else name

@@ -1,0 +1,395 @@
+"""One sync cycle: claim due users page by page, call the backend, record the outcomes.
+
+Three kinds of task share the work: a claimer that leases pages of due users ahead of
+need, SYNC_CONCURRENCY callers that each take one user at a time, and a recorder that
+writes finished results in batches. A heartbeat renews the leases while this runs. The
+database runs on a single worker thread (see `DbRunner`), so the event loop never blocks
+on it and SQLite never sees two writers from one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
+
+from daemon import backoff
+from daemon.backend import BackendClient
+from daemon.errors import StoreError
+from daemon.logs import get_logger
+from daemon.progress import Progress
+from daemon.settings import Settings
+from daemon.store import Claim, Cursor, Outcome, Result, Store, new_run_id
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+USER_BACKOFF_CAP_SECONDS = 6 * 3600.0
+FLUSH_INTERVAL_SECONDS = 0.2
+DB_UNIT_BOUND_SECONDS = 120.0
+_DONE = object()
+
+
+class DbRunner:
+    """Runs blocking store calls on one dedicated thread, off the event loop."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db")
+
+    async def __call__(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Report:
+    run_id: str
+    outcome: str
+    claimed: int
+    succeeded: int
+    failed: int
+    skipped: int
+    duration_s: float
+
+
+class Clock:
+    """Wall time for what is stored, monotonic time for what is measured."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class Cycle:
+    """One run over every due user. Create, `await run()`, read the Report."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        client: BackendClient,
+        db: DbRunner,
+        *,
+        stop: asyncio.Event,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.settings = settings
+        self.run_id = new_run_id()
+        self.progress = progress or Progress()
+        self._store = store
+        self._client = client
+        self._db = db
+        self._stop = stop
+        self._clock = clock or Clock()
+        self._rng = rng or random.Random()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.claim_batch_size)
+        self._pending: list[Result] = []
+        self._flush_now = asyncio.Event()
+        self._flush_size = max(1, min(settings.claim_batch_size, 4 * settings.concurrency))
+        self._log = get_logger(run_id=self.run_id)
+        self.degraded = False
+        self._claim_error: StoreError | None = None
+
+    async def run(self) -> Report:
+        started = self._clock.now()
+        start_mono = self._clock.monotonic()
+        stale_before = started - timedelta(seconds=self.settings.stale_after_seconds)
+        await self._bounded_db("start_run", self._store.start_run, self.run_id, now=started)
+        with contextlib.suppress(StoreError):
+            self.progress.total = await self._bounded_db(
+                "count_due", self._store.count_due, now=started, stale_before=stale_before
+            )
+        self._log.info("cycle_started", due=self.progress.total)
+        error: str | None = None
+        try:
+            await self._work(started, stale_before)
+        except StoreError as exc:
+            error = str(exc)
+            self._log.error("cycle_database_error", error=error)
+        finally:
+            await asyncio.shield(self._wind_down())
+        return await self._report(start_mono, error)
+
+    async def _work(self, started: datetime, stale_before: datetime) -> None:
+        workers = [
+            asyncio.create_task(self._call_loop(), name=f"caller-{i}")
+            for i in range(self.settings.concurrency)
+        ]
+        claimer = asyncio.create_task(self._claim_loop(started, stale_before), name="claimer")
+        recorder = asyncio.create_task(self._record_loop(), name="recorder")
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="lease-heartbeat")
+        stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
+        all_done = asyncio.gather(claimer, *workers)
+        try:
+            await asyncio.wait([all_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            if self._stop.is_set():
+                await self._drain(workers)
+            elif self._claim_error is not None:
+                raise self._claim_error
+        finally:
+            for task in (claimer, stop_wait, *workers):
+                task.cancel()
+            await asyncio.gather(all_done, stop_wait, return_exceptions=True)
+            recorder.cancel()
+            heartbeat.cancel()
+            await asyncio.gather(recorder, heartbeat, return_exceptions=True)
+
+    async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
+        """Stop requested: give in-flight calls the grace period, then cut them."""
+        in_flight = [w for w in workers if not w.done()]
+        self._log.info("cycle_draining", in_flight=len(in_flight))
+        if in_flight:
+            _, late = await asyncio.wait(in_flight, timeout=self.settings.shutdown_grace_seconds)
+            if late:
+                self._log.warning("cycle_drain_timeout", cancelled=len(late))
+
+    async def _claim_loop(self, started: datetime, stale_before: datetime) -> None:
+        """Lease pages until none is left; then tell every caller there is no more."""
+        cursor = Cursor()
+        try:
+            while not self._stop.is_set():
+                claims = await self._bounded_db(
+                    "claim",
+                    self._store.claim,
+                    cursor,
+                    self.settings.claim_batch_size,
+                    run_id=self.run_id,
+                    now=self._clock.now(),
+                    cycle_started=started,
+                    stale_before=stale_before,
+                )
+                self.progress.claimed += len(claims)
+                for claim in claims:
+                    await self._queue.put(claim)
+                if cursor.done and not claims:
+                    break
+        except StoreError as exc:
+            # Users already claimed are still called; the cycle then ends as crashed.
+            self._claim_error = exc
+        for _ in range(self.settings.concurrency):
+            await self._queue.put(_DONE)
+
+    async def _call_loop(self) -> None:
+        while True:
+            claim = await self._queue.get()
+            if claim is _DONE or self._stop.is_set():
+                return
+            await self._call(claim)
+
+    async def _call(self, claim: Claim) -> None:
+        begin = self._clock.monotonic()
+        try:
+            outcome = await self._client.sync_user(
+                claim, run_id=self.run_id, progress=self.progress
+            )
+        except asyncio.CancelledError:
+            self._pending.append(
+                Result(claim, Outcome.RELEASED, self._clock.now(), error="cancelled by shutdown")
+            )
+            raise
+        duration_ms = round((self._clock.monotonic() - begin) * 1000)
+        result = Result(
+            claim,
+            outcome.outcome,
+            self._clock.now(),
+            http_status=outcome.status,
+            attempts=outcome.attempts,
+            error=outcome.error,
+            duration_ms=duration_ms,
+        )
+        self._count(result)
+        self._log_result(result, outcome.counts, outcome.auth_problem)
+        self._pending.append(result)
+        if len(self._pending) >= self._flush_size:
+            self._flush_now.set()
+
+    def _count(self, result: Result) -> None:
+        p = self.progress
+        p.done += 1
+        if result.outcome is Outcome.SUCCESS:
+            p.succeeded += 1
+        elif result.outcome is Outcome.FAILED:
+            p.failed += 1
+        else:
+            p.skipped += 1
+
+    def _log_result(self, result: Result, counts: Any, auth_problem: bool) -> None:
+        fields = {
+            "user_id": result.claim.user_id,
+            "attempt": result.attempts,
+            "status": result.http_status,
+            "duration_ms": result.duration_ms,
+        }
+        if result.outcome is Outcome.SUCCESS:
+            self._log.info("user_synced", **fields, **({"result": counts} if counts else {}))
+        elif result.outcome is Outcome.CONFLICT:
+            self._log.info("user_sync_conflict", **fields)
+        elif auth_problem:
+            self._log.error("backend_auth_rejected", **fields, error=result.error)
+        else:
+            self._log.warning("user_sync_failed", **fields, error=result.error)
+
+    async def _record_loop(self) -> None:
+        failures = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), FLUSH_INTERVAL_SECONDS)
+            self._flush_now.clear()
+            try:
+                await self._flush()
+                failures = 0
+            except StoreError as exc:
+                failures += 1
+                self._degrade(exc)
+                await asyncio.sleep(backoff.ceiling(0.5, failures, 10.0))
+
+    async def _flush(self) -> None:
+        """Write every pending result; on failure they stay pending for the next try."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            finished = await self._bounded_db(
+                "finish",
+                self._store.finish,
+                batch,
+                now=self._clock.now(),
+                backoff=self._user_backoff,
+            )
+        except BaseException:
+            self._pending[:0] = batch
+            raise
+        if self.degraded:
+            self.degraded = False
+            self._log.info("database_recovered")
+        for lost in finished.lease_lost:
+            self._log.warning(
+                "user_sync_lease_lost",
+                user_id=lost.claim.user_id,
+                outcome=lost.outcome.value,
+                detail="lease taken over by another instance; nothing written",
+            )
+
+    def _user_backoff(self, failures: int) -> float:
+        return backoff.user_backoff(
+            failures, self.settings.retry_delay_seconds * 12, USER_BACKOFF_CAP_SECONDS, self._rng
+        )
+
+    def _degrade(self, exc: StoreError) -> None:
+        if not self.degraded:
+            self.degraded = True
+            self._log.error("database_unavailable", error=str(exc), pending=len(self._pending))
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(0.5, self.settings.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._bounded_db(
+                    "heartbeat", self._store.heartbeat, self.run_id, now=self._clock.now()
+                )
+            except StoreError as exc:
+                self._degrade(exc)
+
+    async def _wind_down(self) -> None:
+        """Record what finished, give back what did not, close the run row."""
+        deadline = self._clock.monotonic() + max(self.settings.shutdown_grace_seconds, 5.0)
+        attempt = 0
+        while self._pending and self._clock.monotonic() < deadline:
+            try:
+                await self._flush()
+            except StoreError as exc:
+                attempt += 1
+                self._degrade(exc)
+                await asyncio.sleep(backoff.ceiling(0.2, attempt, 2.0))
+        if self._pending:
+            self._log.error("results_not_recorded", count=len(self._pending))
+        try:
+            released = await self._bounded_db(
+                "release_all", self._store.release_all, self.run_id, now=self._clock.now()
+            )
+            if released:
+                self._log.info("leases_released", count=released)
+        except StoreError as exc:
+            self._log.error("leases_not_released", error=str(exc))
+
+    async def _report(self, start_mono: float, error: str | None) -> Report:
+        p = self.progress
+        if error is not None:
+            outcome = "crashed"
+        elif self._stop.is_set() and p.done < p.claimed:
+            outcome = "interrupted"
+        elif p.failed or self._pending:
+            outcome = "failed"
+        else:
+            outcome = "succeeded"
+        report = Report(
+            run_id=self.run_id,
+            outcome=outcome,
+            claimed=p.claimed,
+            succeeded=p.succeeded,
+            failed=p.failed,
+            skipped=p.skipped,
+            duration_s=round(self._clock.monotonic() - start_mono, 3),
+        )
+        try:
+            await self._bounded_db(
+                "finish_run",
+                self._store.finish_run,
+                self.run_id,
+                now=self._clock.now(),
+                outcome=outcome,
+                claimed=p.claimed,
+                succeeded=p.succeeded,
+                failed=p.failed,
+                skipped=p.skipped,
+                error=error,
+            )
+        except StoreError as exc:
+            self._log.error("run_not_recorded", error=str(exc))
+        log = self._log.info if outcome == "succeeded" else self._log.warning
+        log(
+            "cycle_finished",
+            outcome=outcome,
+            claimed=p.claimed,
+            succeeded=p.succeeded,
+            failed=p.failed,
+            skipped=p.skipped,
+            duration_ms=round(report.duration_s * 1000),
+        )
+        return report
+
+    async def _bounded_db(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self.progress.bounded(DB_UNIT_BOUND_SECONDS, f"database {what}"):
+            return await self._db(fn, *args, **kwargs)
+
+
+async def dry_run(settings: Settings, store: Store, db: DbRunner, clock: Clock) -> int:
+    """Log every user a cycle would sync; call nothing, write nothing."""
+    log = get_logger(dry_run=True)
+    now = clock.now()
+    stale_before = now - timedelta(seconds=settings.stale_after_seconds)
+    cursor = Cursor()
+    count = 0
+    while not cursor.done:
+        page = await db(
+            store.due_page, cursor, settings.claim_batch_size, now=now, stale_before=stale_before
+        )
+        for claim in page:
+            log.info("user_would_sync", user_id=claim.user_id)
+        count += len(page)
+    log.info("dry_run_finished", due=count)
+    return count

@@ -1,0 +1,195 @@
+"""Engine, sessions and migrations: how the daemon talks to SQLite and PostgreSQL.
+
+Every unit of work is one short transaction in its own session. A failing statement rolls
+the whole transaction back, the connection goes back to the pool (or is discarded if the
+database dropped it), and the unit is retried with backoff, so the next unit starts from a
+clean, usable session whatever happened to the last one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from daemon.errors import ConfigError, StoreError
+from daemon.logs import get_logger
+from daemon.settings import Settings
+
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Its own name, so it never collides with an application that uses Alembic itself.
+VERSION_TABLE = "background_sync_alembic_version"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine tuned for its dialect: WAL and write-intent transactions for SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            from pathlib import Path
+
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=4,
+        max_overflow=4,
+        pool_timeout=10,
+        connect_args={"connect_timeout": 5, "application_name": "background-sync"},
+    )
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control away from pysqlite so that BEGIN IMMEDIATE below is ours:
+    # a write transaction then holds the write lock from its first statement, and a
+    # concurrent writer waits on busy_timeout instead of failing at commit.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything the daemon stores is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: a lost connection, a locked or unreachable database."""
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+class Database:
+    """Owns the engine and runs units of work with rollback and bounded retry."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        attempts: int = 5,
+        base_delay: float = 0.2,
+        max_delay: float = 5.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._attempts = attempts
+        self._base_delay = base_delay
+        self._max_delay = max_delay
+        self._sleep = sleep
+        self._log = get_logger(component="database")
+
+    def transaction(self, unit: Callable[[Session], T], *, name: str) -> T:
+        """Run `unit` in one transaction; retry transient errors with backoff."""
+        for attempt in range(1, self._attempts + 1):
+            try:
+                with self._sessions.begin() as session:
+                    return unit(session)
+            except DBAPIError as exc:
+                if not is_transient(exc) or attempt == self._attempts:
+                    raise StoreError(f"{name}: {_short(exc)}") from exc
+                delay = random.uniform(0, min(self._max_delay, self._base_delay * 2**attempt))
+                self._log.warning(
+                    "database_retry",
+                    unit=name,
+                    attempt=attempt,
+                    delay_s=round(delay, 3),
+                    error=_short(exc),
+                )
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def ping(self) -> None:
+        """Raise StoreError unless the database answers a trivial query."""
+        from sqlalchemy import text
+
+        self.transaction(lambda s: s.execute(text("SELECT 1")).scalar_one(), name="ping")
+
+    def reflect_users(self, settings: Settings) -> Table:
+        """The application's users table as it really is; a missing name is a config error."""
+        metadata = MetaData()
+        try:
+            table = Table(settings.users_table, metadata, autoload_with=self.engine)
+        except NoSuchTableError:
+            raise ConfigError(
+                f"SYNC_USERS_TABLE: table {settings.users_table!r} does not exist"
+            ) from None
+        except DBAPIError as exc:
+            raise StoreError(f"reading the users table: {_short(exc)}") from exc
+        for variable, column in (
+            ("SYNC_USER_ID_COLUMN", settings.user_id_column),
+            ("SYNC_USER_EMAIL_COLUMN", settings.user_email_column),
+            ("SYNC_LAST_SYNC_COLUMN", settings.last_sync_column),
+        ):
+            if column not in table.c:
+                raise ConfigError(
+                    f"{variable}: table {settings.users_table!r} has no column {column!r}"
+                )
+        return table
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def migrate(engine: Engine) -> str | None:
+    """Bring the daemon's tables to the newest revision; return that revision."""
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("daemon") / "migrations"))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    return current_revision(engine)
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        return context.get_current_revision()
+
+
+def has_daemon_tables(engine: Engine) -> bool:
+    return inspect(engine).has_table("sync_user_state")
+
+
+def _short(exc: BaseException) -> str:
+    """One line of a database error, without SQLAlchemy's long background links."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

@@ -1,0 +1,575 @@
+"""The sync queries: find due users, claim them under a lease, record what happened.
+
+Leases make "one sync in flight per user" hold across instances. A claim writes a fresh
+token into the user's state row; every later write for that claim carries the token in
+its WHERE clause, so an instance whose lease expired and was taken over writes nothing.
+
+Work is done in batches (one claim statement per page, one transaction per batch of
+results) because per-user transactions would cost more CPU than the HTTP calls they
+record.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    Table,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from daemon.database import Database
+from daemon.models import operations, runs, user_state
+
+ERROR_TEXT_LIMIT = 500
+
+
+class Outcome(enum.StrEnum):
+    SUCCESS = "success"
+    FAILED = "failed"
+    CONFLICT = "conflict"
+    RELEASED = "released"
+
+
+@dataclass(slots=True)
+class Claim:
+    """A user this instance holds a lease on."""
+
+    user_id: Any
+    key: str
+    email: str
+    token: str
+
+
+@dataclass(slots=True)
+class Result:
+    """What happened to one claim; `finished_at` is when the backend answered."""
+
+    claim: Claim
+    outcome: Outcome
+    finished_at: datetime
+    http_status: int | None = None
+    attempts: int = 0
+    error: str | None = None
+    duration_ms: int = 0
+
+
+@dataclass(slots=True)
+class Cursor:
+    """Keyset position in one cycle's scan: never-synced users by id, then stale by age.
+
+    Rows only ever move forward in this order (a sync makes last_sync newer), so the
+    scan visits each user at most once per cycle and never re-reads earlier pages.
+    """
+
+    phase: str = "never"
+    last_id: Any = None
+    last_sync: Any = None
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+
+@dataclass(slots=True)
+class Finished:
+    """The outcome of recording a batch: which results lost their lease on the way."""
+
+    lease_lost: list[Result] = field(default_factory=list)
+
+
+class Store:
+    """Queries over the users table and the daemon's tables, one transaction each."""
+
+    def __init__(
+        self,
+        db: Database,
+        users: Table,
+        *,
+        id_column: str,
+        email_column: str,
+        last_sync_column: str,
+        instance: str,
+        lease_seconds: float,
+    ) -> None:
+        self.db = db
+        self.instance = instance
+        self.lease = timedelta(seconds=lease_seconds)
+        self._users = users
+        self._id = users.c[id_column]
+        self._email = users.c[email_column]
+        self._last_sync = users.c[last_sync_column]
+        self._key = cast(self._id, String)
+        self._naive_last_sync = not getattr(self._last_sync.type, "timezone", False)
+        self._postgres = db.dialect == "postgresql"
+        self._insert = postgresql.insert if self._postgres else sqlite.insert
+        self._mark_synced = (
+            update(users)
+            .where(self._id == bindparam("b_id"))
+            .where(
+                exists().where(
+                    user_state.c.user_key == bindparam("b_key"),
+                    user_state.c.lease_token == bindparam("b_token"),
+                )
+            )
+            .values({last_sync_column: bindparam("b_synced_at")})
+        )
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _app_time(self, value: datetime) -> datetime:
+        """A UTC instant in the form the application's last_sync column stores."""
+        return value.replace(tzinfo=None) if self._naive_last_sync else value
+
+    def _eligible(self, now: datetime, cycle_started: datetime) -> ColumnElement[bool]:
+        s = user_state.c
+        return or_(
+            s.user_key.is_(None),
+            and_(
+                or_(s.lease_expires_at.is_(None), s.lease_expires_at < now),
+                or_(s.next_attempt_at.is_(None), s.next_attempt_at <= now),
+                or_(s.last_attempt_at.is_(None), s.last_attempt_at < cycle_started),
+            ),
+        )
+
+    def _due_rows(
+        self,
+        session: Session,
+        cursor: Cursor,
+        limit: int,
+        *,
+        now: datetime,
+        cycle_started: datetime,
+        stale_before: datetime,
+    ) -> list[Any]:
+        base = (
+            select(self._id, self._email, self._key)
+            .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
+            .where(self._eligible(now, cycle_started))
+        )
+        rows: list[Any] = []
+        while len(rows) < limit and not cursor.done:
+            want = limit - len(rows)
+            if cursor.phase == "never":
+                query = base.add_columns(self._last_sync).where(self._last_sync.is_(None))
+                if cursor.last_id is not None:
+                    query = query.where(self._id > cursor.last_id)
+                query = query.order_by(self._id)
+            else:
+                query = base.add_columns(self._last_sync).where(
+                    self._last_sync < self._app_time(stale_before)
+                )
+                if cursor.last_id is not None:
+                    query = query.where(
+                        tuple_(self._last_sync, self._id)
+                        > tuple_(literal(cursor.last_sync, self._last_sync.type), cursor.last_id)
+                    )
+                query = query.order_by(self._last_sync, self._id)
+            page = session.execute(query.limit(want)).all()
+            rows.extend(page)
+            if len(page) < want:
+                cursor.phase = "stale" if cursor.phase == "never" else "done"
+                cursor.last_id = cursor.last_sync = None
+            else:
+                cursor.last_id, cursor.last_sync = page[-1][0], page[-1][3]
+        return rows
+
+    def due_page(
+        self, cursor: Cursor, limit: int, *, now: datetime, stale_before: datetime
+    ) -> list[Claim]:
+        """Due users without claiming them (dry runs): no token, nothing written."""
+
+        def unit(session: Session) -> list[Claim]:
+            rows = self._due_rows(
+                session, cursor, limit, now=now, cycle_started=now, stale_before=stale_before
+            )
+            return [Claim(r[0], r[2], r[1], "") for r in rows]
+
+        return self.db.transaction(unit, name="due_page")
+
+    def count_due(self, *, now: datetime, stale_before: datetime) -> int:
+        query = (
+            select(func.count())
+            .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
+            .where(
+                or_(
+                    self._last_sync.is_(None),
+                    self._last_sync < self._app_time(stale_before),
+                ),
+                self._eligible(now, now),
+            )
+        )
+        return self.db.transaction(lambda s: int(s.execute(query).scalar_one()), name="count_due")
+
+    # -- claiming --------------------------------------------------------------------
+
+    def claim(
+        self,
+        cursor: Cursor,
+        limit: int,
+        *,
+        run_id: str,
+        now: datetime,
+        cycle_started: datetime,
+        stale_before: datetime,
+    ) -> list[Claim]:
+        """Lease up to `limit` due users for this instance, in one short transaction."""
+
+        def unit(session: Session) -> list[Claim]:
+            saved = (cursor.phase, cursor.last_id, cursor.last_sync)
+            try:
+                rows = self._due_rows(
+                    session,
+                    cursor,
+                    limit,
+                    now=now,
+                    cycle_started=cycle_started,
+                    stale_before=stale_before,
+                )
+                return self._lease(session, rows, run_id=run_id, now=now)
+            except BaseException:
+                # A retried transaction must scan the same page again.
+                cursor.phase, cursor.last_id, cursor.last_sync = saved
+                raise
+
+        return self.db.transaction(unit, name="claim")
+
+    def _lease(
+        self, session: Session, rows: Sequence[Any], *, run_id: str, now: datetime
+    ) -> list[Claim]:
+        if not rows:
+            return []
+        if self._postgres:
+            rows = self._skip_locked(session, rows)
+            if not rows:
+                return []
+        s = user_state.c
+        tokens = {row[2]: uuid.uuid4().hex for row in rows}
+        expires = now + self.lease
+        stmt = self._insert(user_state).values(
+            [
+                {
+                    "user_key": key,
+                    "lease_owner": self.instance,
+                    "lease_token": token,
+                    "lease_expires_at": expires,
+                    "last_attempt_at": now,
+                    "consecutive_failures": 0,
+                }
+                for key, token in tokens.items()
+            ]
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[s.user_key],
+            set_={
+                "lease_owner": stmt.excluded.lease_owner,
+                "lease_token": stmt.excluded.lease_token,
+                "lease_expires_at": stmt.excluded.lease_expires_at,
+                "last_attempt_at": stmt.excluded.last_attempt_at,
+            },
+            where=or_(s.lease_expires_at.is_(None), s.lease_expires_at < now),
+        ).returning(s.user_key)
+        won = set(session.scalars(stmt))
+        claims = [Claim(r[0], r[2], r[1], tokens[r[2]]) for r in rows if r[2] in won]
+        if claims:
+            session.execute(
+                insert(operations),
+                [
+                    {
+                        "id": c.token,
+                        "run_id": run_id,
+                        "user_key": c.key,
+                        "instance": self.instance,
+                        "started_at": now,
+                        "heartbeat_at": now,
+                    }
+                    for c in claims
+                ],
+            )
+        return claims
+
+    def _skip_locked(self, session: Session, rows: Sequence[Any]) -> list[Any]:
+        """Drop users whose state row another instance is claiming right now."""
+        keys = [row[2] for row in rows]
+        s = user_state.c
+        existing = set(session.scalars(select(s.user_key).where(s.user_key.in_(keys))))
+        locked = set(
+            session.scalars(
+                select(s.user_key).where(s.user_key.in_(keys)).with_for_update(skip_locked=True)
+            )
+        )
+        return [row for row in rows if row[2] not in existing or row[2] in locked]
+
+    # -- recording -------------------------------------------------------------------
+
+    def finish(
+        self,
+        results: Sequence[Result],
+        *,
+        now: datetime,
+        backoff: Callable[[int], float],
+    ) -> Finished:
+        """Record a batch of results; last_sync moves only for successes still leased."""
+        if not results:
+            return Finished()
+
+        def unit(session: Session) -> Finished:
+            s = user_state.c
+            current = {
+                key: (token, failures)
+                for key, token, failures in session.execute(
+                    select(s.user_key, s.lease_token, s.consecutive_failures).where(
+                        s.user_key.in_([r.claim.key for r in results])
+                    )
+                )
+            }
+            held = [r for r in results if current.get(r.claim.key, (None, 0))[0] == r.claim.token]
+            lost = [r for r in results if current.get(r.claim.key, (None, 0))[0] != r.claim.token]
+            successes = [r for r in held if r.outcome is Outcome.SUCCESS]
+            if successes:
+                session.execute(
+                    self._mark_synced,
+                    [
+                        {
+                            "b_id": r.claim.user_id,
+                            "b_key": r.claim.key,
+                            "b_token": r.claim.token,
+                            "b_synced_at": self._app_time(r.finished_at),
+                        }
+                        for r in successes
+                    ],
+                )
+            self._update_states(session, held, current, now=now, backoff=backoff)
+            self._close_operations(session, results, lost)
+            return Finished(lease_lost=lost)
+
+        return self.db.transaction(unit, name="finish")
+
+    def _update_states(
+        self,
+        session: Session,
+        held: Iterable[Result],
+        current: dict[str, tuple[str | None, int]],
+        *,
+        now: datetime,
+        backoff: Callable[[int], float],
+    ) -> None:
+        s = user_state.c
+        fence = (s.user_key == bindparam("b_key"), s.lease_token == bindparam("b_token"))
+        unlease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
+        decided: list[dict[str, Any]] = []
+        undecided: list[dict[str, Any]] = []
+        for r in held:
+            ids = {"b_key": r.claim.key, "b_token": r.claim.token}
+            if r.outcome is Outcome.SUCCESS:
+                decided.append(
+                    ids
+                    | {
+                        "last_success_at": r.finished_at,
+                        "consecutive_failures": 0,
+                        "next_attempt_at": None,
+                        "last_status": r.http_status,
+                        "last_error": None,
+                    }
+                )
+            elif r.outcome is Outcome.FAILED:
+                failures = current[r.claim.key][1] + 1
+                decided.append(
+                    ids
+                    | {
+                        "last_success_at": None,
+                        "consecutive_failures": failures,
+                        "next_attempt_at": now + timedelta(seconds=backoff(failures)),
+                        "last_status": r.http_status,
+                        "last_error": _clip(r.error),
+                    }
+                )
+            else:
+                # CONFLICT and RELEASED decide nothing: the failure history stays as it was.
+                undecided.append(ids | {"last_status": r.http_status})
+        if decided:
+            session.execute(
+                update(user_state)
+                .where(*fence)
+                .values(
+                    unlease,
+                    last_success_at=func.coalesce(
+                        bindparam("last_success_at", type_=s.last_success_at.type),
+                        s.last_success_at,
+                    ),
+                    consecutive_failures=bindparam("consecutive_failures"),
+                    next_attempt_at=bindparam("next_attempt_at", type_=s.next_attempt_at.type),
+                    last_status=bindparam("last_status", type_=s.last_status.type),
+                    last_error=bindparam("last_error", type_=s.last_error.type),
+                ),
+                decided,
+            )
+        if undecided:
+            session.execute(
+                update(user_state)
+                .where(*fence)
+                .values(
+                    unlease,
+                    last_status=func.coalesce(
+                        bindparam("last_status", type_=s.last_status.type), s.last_status
+                    ),
+                ),
+                undecided,
+            )
+
+    def _close_operations(
+        self, session: Session, results: Sequence[Result], lost: Sequence[Result]
+    ) -> None:
+        lost_tokens = {r.claim.token for r in lost}
+        session.execute(
+            update(operations)
+            .where(operations.c.id == bindparam("b_id"))
+            .values(
+                finished_at=bindparam("finished_at"),
+                heartbeat_at=bindparam("finished_at"),
+                outcome=bindparam("outcome"),
+                http_status=bindparam("http_status"),
+                attempts=bindparam("attempts"),
+                error=bindparam("error"),
+                duration_ms=bindparam("duration_ms"),
+            ),
+            [
+                {
+                    "b_id": r.claim.token,
+                    "finished_at": r.finished_at,
+                    "outcome": "lease_lost" if r.claim.token in lost_tokens else r.outcome.value,
+                    "http_status": r.http_status,
+                    "attempts": r.attempts,
+                    "error": _clip(r.error),
+                    "duration_ms": r.duration_ms,
+                }
+                for r in results
+            ],
+        )
+
+    # -- leases and runs -------------------------------------------------------------
+
+    def heartbeat(self, run_id: str, *, now: datetime) -> int:
+        """Extend every live lease this instance holds; return how many were renewed."""
+
+        def unit(session: Session) -> int:
+            s = user_state.c
+            renewed = session.execute(
+                update(user_state)
+                .where(s.lease_owner == self.instance, s.lease_expires_at >= now)
+                .values(lease_expires_at=now + self.lease)
+            ).rowcount
+            session.execute(
+                update(operations)
+                .where(operations.c.run_id == run_id, operations.c.finished_at.is_(None))
+                .values(heartbeat_at=now)
+            )
+            session.execute(update(runs).where(runs.c.id == run_id).values(heartbeat_at=now))
+            return int(renewed or 0)
+
+        return self.db.transaction(unit, name="heartbeat")
+
+    def release_all(self, run_id: str, *, now: datetime) -> int:
+        """Give back every lease this instance still holds, so others can take them now."""
+
+        def unit(session: Session) -> int:
+            s = user_state.c
+            released = session.execute(
+                update(user_state)
+                .where(s.lease_owner == self.instance)
+                .values(lease_owner=None, lease_token=None, lease_expires_at=None)
+            ).rowcount
+            session.execute(
+                update(operations)
+                .where(operations.c.run_id == run_id, operations.c.finished_at.is_(None))
+                .values(finished_at=now, heartbeat_at=now, outcome=Outcome.RELEASED.value)
+            )
+            return int(released or 0)
+
+        return self.db.transaction(unit, name="release_all")
+
+    def start_run(self, run_id: str, *, now: datetime) -> None:
+        self.db.transaction(
+            lambda s: s.execute(
+                insert(runs).values(
+                    id=run_id,
+                    instance=self.instance,
+                    started_at=now,
+                    heartbeat_at=now,
+                    outcome="running",
+                )
+            ),
+            name="start_run",
+        )
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        now: datetime,
+        outcome: str,
+        claimed: int,
+        succeeded: int,
+        failed: int,
+        skipped: int,
+        error: str | None = None,
+    ) -> None:
+        self.db.transaction(
+            lambda s: s.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(
+                    finished_at=now,
+                    heartbeat_at=now,
+                    outcome=outcome,
+                    claimed=claimed,
+                    succeeded=succeeded,
+                    failed=failed,
+                    skipped=skipped,
+                    error=_clip(error),
+                )
+            ),
+            name="finish_run",
+        )
+
+    def prune_history(self, *, before: datetime) -> int:
+        """Delete finished runs and operations older than the retention window."""
+
+        def unit(session: Session) -> int:
+            gone = session.execute(
+                delete(operations).where(operations.c.finished_at < before)
+            ).rowcount
+            session.execute(delete(runs).where(runs.c.finished_at < before))
+            return int(gone or 0)
+
+        return self.db.transaction(unit, name="prune_history")
+
+
+def _clip(text: str | None) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= ERROR_TEXT_LIMIT else text[: ERROR_TEXT_LIMIT - 1] + "…"
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
