@@ -134,7 +134,13 @@ class Cycle:
         stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
         all_done = asyncio.gather(claimer, *workers)
         try:
-            await asyncio.wait([all_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [all_done, stop_wait, recorder, heartbeat], return_when=asyncio.FIRST_COMPLETED
+            )
+            for side_task in (recorder, heartbeat):
+                if side_task.done():  # they loop forever: ending means a bug, surface it
+                    side_task.result()
+                    raise RuntimeError(f"{side_task.get_name()} ended unexpectedly")
             if self._stop.is_set():
                 await self._drain(workers)
             elif self._claim_error is not None:

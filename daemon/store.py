@@ -412,7 +412,7 @@ class Store:
                 update(user_state)
                 .where(*fence)
                 .values(
-                    unlease,
+                    **unlease,
                     last_success_at=func.coalesce(
                         bindparam("last_success_at", type_=s.last_success_at.type),
                         s.last_success_at,
@@ -429,7 +429,7 @@ class Store:
                 update(user_state)
                 .where(*fence)
                 .values(
-                    unlease,
+                    **unlease,
                     last_status=func.coalesce(
                         bindparam("last_status", type_=s.last_status.type), s.last_status
                     ),

@@ -1,0 +1,445 @@
+"""The daemon's lifecycle, in one place: open, announce, loop, drain, close.
+
+`App.run_forever()` is `background-sync run`; `App.run_once()` is `once`. Both open the
+same resources in the same order and close them in reverse. The main loop waits on
+"stop, or a wake-up, or the next tick" and never sleeps blindly; cycles run as a task
+beside it so that signals, the watchdog and STATUS= stay live while users are synced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from daemon import envfile, logs, statusweb
+from daemon import settings as settings_module
+from daemon.backend import BackendClient
+from daemon.cycle import Clock, Cycle, DbRunner, Report, dry_run
+from daemon.database import Database, current_revision, make_engine
+from daemon.errors import ConfigError, StoreError
+from daemon.metrics import Metrics
+from daemon.scheduler import Scheduler
+from daemon.settings import Settings
+from daemon.store import Store
+from daemon.systemd import Notifier
+
+EX_OK = 0
+EX_FAILED = 1
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+EX_FORCED = 130
+
+STARTUP_DATABASE_WAIT_SECONDS = 60.0
+DATABASE_OUTAGE_LIMIT_SECONDS = 600.0
+DATABASE_RETRY_SECONDS = 30.0
+LOOP_WAKE_SECONDS = 1.0
+# Settings that name the database or sockets the process already holds.
+RESTART_ONLY = ("database_url", "users_table", "user_id_column", "user_email_column")
+RESTART_ONLY += ("last_sync_column", "status_address")
+
+
+def instance_name() -> str:
+    """Who holds a lease: readable in `status`, unique per process."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class App:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        environ: Mapping[str, str] | None = None,
+        env_file: Path | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings
+        self.instance = instance_name()
+        self.metrics = Metrics()
+        self._environ = dict(os.environ if environ is None else environ)
+        self._env_file = env_file
+        self._clock = clock or Clock()
+        self._notifier = Notifier(self._environ)
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._log = logs.get_logger(instance=self.instance)
+        self._db_runner = DbRunner()
+        self._store: Store | None = None
+        self._client: BackendClient | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._scheduler: Scheduler | None = None
+        self._cycle: Cycle | None = None
+        self._cycle_task: asyncio.Task[Report] | None = None
+        self._cycle_wanted: str | None = None
+        self._last_report: Report | None = None
+        self._fatal: int | None = None
+        self._db_down_since: float | None = None
+        self._sigint_count = 0
+        self._state = "starting"
+
+    # -- public entry points ---------------------------------------------------------
+
+    async def run_forever(self) -> int:
+        try:
+            async with self._resources():
+                with self._signals():
+                    return await self._serve()
+        except ConfigError as exc:
+            self._log.error("config_error", error=str(exc))
+            return EX_CONFIG
+        except StoreError as exc:
+            self._log.error("database_unavailable_at_start", error=str(exc))
+            return EX_UNAVAILABLE
+        finally:
+            self._notifier.stopping()
+
+    async def run_once(self) -> int:
+        """One cycle, then exit: 0 if every due user synced, 1 if any failed."""
+        try:
+            async with self._resources():
+                with self._signals():
+                    if self.settings.dry_run:
+                        assert self._store is not None
+                        await dry_run(self.settings, self._store, self._db_runner, self._clock)
+                        return EX_OK
+                    report = await self._start_cycle("once")
+                    if report.outcome == "crashed":
+                        return EX_TEMPFAIL
+                    return EX_OK if report.outcome == "succeeded" else EX_FAILED
+        except ConfigError as exc:
+            self._log.error("config_error", error=str(exc))
+            return EX_CONFIG
+        except StoreError as exc:
+            self._log.error("database_unavailable_at_start", error=str(exc))
+            return EX_UNAVAILABLE
+
+    def stop(self, reason: str) -> None:
+        """Ask the daemon to finish; idempotent, only sets an event."""
+        if not self._stop.is_set():
+            self._log.info("shutdown_requested", reason=reason)
+            self._stop.set()
+            self._wake.set()
+
+    def request_cycle(self, reason: str) -> None:
+        """Ask for a cycle now. One already running is never overlapped."""
+        if self._cycle_task is not None:
+            self._log.info("cycle_tick_skipped", reason=reason, detail="a cycle is running")
+            self.metrics.ticks_skipped.inc()
+            return
+        self._cycle_wanted = reason
+        self._wake.set()
+
+    # -- resources -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _resources(self) -> AsyncIterator[None]:
+        database = Database(make_engine(self.settings.database_url))
+        status_runner: web.AppRunner | None = None
+        try:
+            await self._wait_for_database(database)
+            await self._check_schema(database)
+            users = await self._db_runner(database.reflect_users, self.settings)
+            self._store = Store(
+                database,
+                users,
+                id_column=self.settings.user_id_column,
+                email_column=self.settings.user_email_column,
+                last_sync_column=self.settings.last_sync_column,
+                instance=self.instance,
+                lease_seconds=self.settings.lease_seconds,
+            )
+            self._open_http()
+            if self.settings.status_address is not None:
+                status_runner, port = await statusweb.start(
+                    self.settings.status_address, self.snapshot, self.metrics
+                )
+                self._log.info(
+                    "status_server_started", address=f"{self.settings.status_address[0]}:{port}"
+                )
+            yield
+        finally:
+            if status_runner is not None:
+                await status_runner.cleanup()
+            if self._http is not None:
+                await self._http.close()
+            await asyncio.to_thread(self._db_runner.close)
+            database.dispose()
+
+    def _open_http(self) -> None:
+        self._http = BackendClient.open_session(self.settings)
+        self._client = BackendClient(self.settings, self._http)
+
+    async def _wait_for_database(self, database: Database) -> None:
+        """READY=1 waits for this: retry with backoff, then give up so systemd restarts us."""
+        give_up = time.monotonic() + STARTUP_DATABASE_WAIT_SECONDS
+        delay = 0.5
+        while True:
+            try:
+                await self._db_runner(database.ping)
+                self.metrics.database_up.set(1)
+                return
+            except StoreError as exc:
+                self.metrics.database_up.set(0)
+                if time.monotonic() + delay > give_up or self._stop.is_set():
+                    raise
+                self._notifier.status(f"waiting for the database: {exc}")
+                self._log.warning("database_waiting", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _check_schema(self, database: Database) -> None:
+        from daemon.database import has_daemon_tables
+
+        present = await self._db_runner(has_daemon_tables, database.engine)
+        revision = await self._db_runner(current_revision, database.engine) if present else None
+        if revision is None:
+            raise ConfigError(
+                "SYNC_DATABASE_URL: the daemon's tables are missing; run `background-sync migrate`"
+            )
+
+    # -- the main loop ---------------------------------------------------------------
+
+    async def _serve(self) -> int:
+        self._scheduler = Scheduler(self.settings.interval_seconds, self._on_tick)
+        self.request_cycle("startup")
+        watchdog = asyncio.create_task(self._watchdog_loop(), name="watchdog")
+        self._state = "idle"
+        self._notifier.ready(self.status_line())
+        self._log.info(
+            "daemon_ready",
+            interval_s=self.settings.interval_seconds,
+            concurrency=self.settings.concurrency,
+            dry_run=self.settings.dry_run,
+            watchdog_interval_s=self._notifier.watchdog_interval,
+        )
+        try:
+            while not self._stop.is_set() and self._fatal is None:
+                self._scheduler.poll()
+                if self._cycle_wanted is not None and self._cycle_task is None:
+                    reason, self._cycle_wanted = self._cycle_wanted, None
+                    self._launch_cycle(reason)
+                self._notifier.status(self.status_line())
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), LOOP_WAKE_SECONDS)
+            return await self._shut_down()
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+
+    async def _shut_down(self) -> int:
+        self._state = "stopping"
+        self._notifier.stopping(self.status_line())
+        if self._cycle_task is not None:
+            with contextlib.suppress(Exception):
+                await self._cycle_task
+        self._log.info("daemon_stopped", exit_status=self._fatal or EX_OK)
+        return self._fatal or EX_OK
+
+    def _on_tick(self) -> None:
+        self.request_cycle("schedule")
+
+    def _launch_cycle(self, reason: str) -> None:
+        task = asyncio.create_task(self._start_cycle(reason), name="cycle")
+        self._cycle_task = task
+        task.add_done_callback(self._cycle_ended)
+
+    async def _start_cycle(self, reason: str) -> Report:
+        assert self._store is not None and self._client is not None
+        self._state = "syncing"
+        self.metrics.in_cycle.set(1)
+        self._cycle = Cycle(
+            self.settings,
+            self._store,
+            self._client,
+            self._db_runner,
+            stop=self._stop,
+            clock=self._clock,
+        )
+        self._log.info("cycle_requested", reason=reason, run_id=self._cycle.run_id)
+        try:
+            report = await self._cycle.run()
+        finally:
+            self.metrics.in_cycle.set(0)
+            self._state = "stopping" if self._stop.is_set() else "idle"
+        self._last_report = report
+        self.metrics.record(report, time.time())
+        self._track_database(report)
+        return report
+
+    def _cycle_ended(self, task: asyncio.Task[Report]) -> None:
+        self._cycle_task = None
+        self._wake.set()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A bug, not a backend or database fault: let systemd restart a clean process.
+            self._log.error("cycle_crashed", error=repr(exc), exc_info=exc)
+            self._fatal = EX_FAILED
+
+    def _track_database(self, report: Report) -> None:
+        """A database that stays away past the limit ends the process (never a spin)."""
+        if report.outcome != "crashed" and not (self._cycle and self._cycle.degraded):
+            self._db_down_since = None
+            self.metrics.database_up.set(1)
+            return
+        self.metrics.database_up.set(0)
+        now = time.monotonic()
+        if self._db_down_since is None:
+            self._db_down_since = now
+        elif now - self._db_down_since > DATABASE_OUTAGE_LIMIT_SECONDS:
+            self._log.error(
+                "database_outage_limit",
+                limit_s=DATABASE_OUTAGE_LIMIT_SECONDS,
+                detail="exiting so that systemd restarts the daemon",
+            )
+            self._fatal = EX_TEMPFAIL
+            return
+        # Try again soon rather than a whole interval later; the outage limit bounds this.
+        retry_in = min(self.settings.interval_seconds, DATABASE_RETRY_SECONDS)
+        asyncio.get_running_loop().call_later(retry_in, self.request_cycle, "database_retry")
+
+    async def _watchdog_loop(self) -> None:
+        """Feed systemd's watchdog from the loop that does the work, only while it works."""
+        interval = self._notifier.watchdog_interval
+        if interval is None:
+            return
+        withheld: str | None = None
+        while True:
+            await asyncio.sleep(interval)
+            stalled = self._cycle.progress.overdue() if self._cycle_task and self._cycle else None
+            if stalled is not None:
+                if withheld != stalled:
+                    self._log.error("watchdog_withheld", stalled_on=stalled)
+                withheld = stalled
+                continue
+            withheld = None
+            self._notifier.watchdog()
+
+    # -- signals and reload ----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        handlers: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: lambda: self.stop("SIGTERM"),
+            signal.SIGINT: self._on_sigint,
+            signal.SIGHUP: lambda: asyncio.ensure_future(self.reload()),
+            signal.SIGUSR1: lambda: self.request_cycle("SIGUSR1"),
+        }
+        for number, handler in handlers.items():
+            loop.add_signal_handler(number, handler)
+        try:
+            yield
+        finally:
+            for number in handlers:
+                loop.remove_signal_handler(number)
+
+    def _on_sigint(self) -> None:
+        self._sigint_count += 1
+        if self._sigint_count == 1:
+            self.stop("SIGINT")
+            return
+        # A second Ctrl-C means now: leases expire on their own, nothing is lost.
+        self._log.warning("forced_exit", reason="second SIGINT")
+        sys.stdout.flush()
+        os._exit(EX_FORCED)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the environment and env file; a bad file changes nothing."""
+        self._notifier.reloading()
+        try:
+            fresh = settings_module.load(envfile.overlay(self._environ, self._env_file))
+        except ConfigError as exc:
+            self._log.error("reload_rejected", error=str(exc))
+            self._notifier.reloaded()
+            return
+        kept = {name: getattr(self.settings, name) for name in RESTART_ONLY}
+        ignored = [name for name in RESTART_ONLY if getattr(fresh, name) != kept[name]]
+        if ignored:
+            self._log.warning("reload_needs_restart", settings=ignored)
+        fresh = dataclasses.replace(fresh, **kept)
+        old, self.settings = self.settings, fresh
+        logs.configure(
+            fresh.log_level,
+            fresh.log_format,
+            secrets=[fresh.backend_token.reveal()] if fresh.backend_token else [],
+        )
+        if self._scheduler is not None and fresh.interval_seconds != old.interval_seconds:
+            self._scheduler.reschedule(fresh.interval_seconds)
+        if self._http is not None:
+            # The running cycle keeps the old client; the next one uses the new session.
+            stale = self._http
+            self._open_http()
+            asyncio.get_running_loop().call_later(
+                fresh.request_timeout_seconds + 5, lambda: asyncio.ensure_future(stale.close())
+            )
+        changed = sorted(
+            f.name
+            for f in dataclasses.fields(Settings)
+            if f.compare and getattr(old, f.name) != getattr(fresh, f.name)
+        )
+        self._log.info("config_reloaded", changed=changed)
+        self._notifier.reloaded()
+        self._wake.set()
+
+    # -- what operators see ----------------------------------------------------------
+
+    def status_line(self) -> str:
+        prefix = "database unavailable; " if self._db_down_since is not None else ""
+        if self._state == "syncing" and self._cycle is not None:
+            return prefix + self._cycle.progress.status_line()
+        if self._state == "stopping":
+            return "stopping"
+        if self._state == "starting":
+            return "starting"
+        next_in = round(self._scheduler.seconds_until_next()) if self._scheduler else 0
+        line = f"idle, next cycle in {next_in} s"
+        if self._last_report is not None and self._last_report.failed:
+            line += f", last cycle failed {self._last_report.failed}"
+        return prefix + line
+
+    def snapshot(self) -> dict[str, Any]:
+        reasons = []
+        if self._db_down_since is not None or (self._cycle and self._cycle.degraded):
+            reasons.append("database unavailable")
+        stalled = self._cycle.progress.overdue() if self._cycle_task and self._cycle else None
+        if stalled:
+            reasons.append(f"cycle stalled on {stalled}")
+        progress = self._cycle.progress if self._cycle_task and self._cycle else None
+        return {
+            "instance": self.instance,
+            "state": self._state,
+            "status": self.status_line(),
+            "health": "degraded" if reasons else "ok",
+            "health_reasons": reasons,
+            "cycle": None
+            if progress is None or self._cycle is None
+            else {
+                "run_id": self._cycle.run_id,
+                "due": progress.total,
+                "claimed": progress.claimed,
+                "done": progress.done,
+                "succeeded": progress.succeeded,
+                "failed": progress.failed,
+                "skipped": progress.skipped,
+            },
+            "last_cycle": dataclasses.asdict(self._last_report) if self._last_report else None,
+            "next_cycle_in_s": self._scheduler.seconds_until_next() if self._scheduler else None,
+            "settings": self.settings.redacted(),
+        }

@@ -1,0 +1,164 @@
+"""Command line: parse, load settings, set up logging, run; map failures to exit codes.
+
+Exit codes follow sysexits(3) where systemd cares: 78 (EX_CONFIG) for a bad setting,
+which the unit lists in RestartPreventExitStatus= so a typo does not restart-loop;
+69 when the database cannot be reached at start; 75 when it went away for too long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from daemon import __version__, envfile, logs
+from daemon import settings as settings_module
+from daemon.app import EX_CONFIG, EX_OK, EX_UNAVAILABLE, App
+from daemon.errors import ConfigError, StoreError
+from daemon.settings import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "reference-backend":
+        from daemon import reference_backend
+
+        return reference_backend.main_from_args(args)
+    env_file = getattr(args, "env_file", None)
+    try:
+        settings = settings_module.load(envfile.overlay(os.environ, env_file))
+    except ConfigError as exc:
+        print(f"background-sync: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    logs.configure(
+        settings.log_level,
+        settings.log_format,
+        secrets=[settings.backend_token.reveal()] if settings.backend_token else [],
+    )
+    handler = _COMMANDS[args.command]
+    try:
+        return handler(settings, args)
+    except ConfigError as exc:
+        print(f"background-sync: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except StoreError as exc:
+        print(f"background-sync: database: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(App(settings, env_file=args.env_file).run_forever())
+
+
+def _once(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(App(settings, env_file=args.env_file).run_once())
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from daemon.database import make_engine, migrate
+
+    engine = make_engine(settings.database_url)
+    try:
+        revision = migrate(engine)
+    except Exception as exc:  # alembic and drivers raise many kinds; all end the same
+        print(f"background-sync: migrate failed: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    finally:
+        engine.dispose()
+    logs.get_logger().info("database_migrated", revision=revision)
+    return EX_OK
+
+
+def _check_config(settings: Settings, args: argparse.Namespace) -> int:
+    print(json.dumps(settings.redacted(), indent=2, sort_keys=True, default=str))
+    return EX_OK
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    from daemon import overview
+    from daemon.app import instance_name
+    from daemon.database import Database, has_daemon_tables, make_engine, utcnow
+    from daemon.store import Store
+
+    db = Database(make_engine(settings.database_url), attempts=2)
+    try:
+        if not has_daemon_tables(db.engine):
+            raise ConfigError(
+                "SYNC_DATABASE_URL: the daemon's tables are missing; run `background-sync migrate`"
+            )
+        store = Store(
+            db,
+            db.reflect_users(settings),
+            id_column=settings.user_id_column,
+            email_column=settings.user_email_column,
+            last_sync_column=settings.last_sync_column,
+            instance=instance_name(),
+            lease_seconds=settings.lease_seconds,
+        )
+        data = overview.collect(db, store, settings, now=utcnow())
+    finally:
+        db.dispose()
+    print(json.dumps(data, indent=2, default=str) if args.json else overview.render(data))
+    return EX_OK
+
+
+def _seed_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from daemon import demo
+    from daemon.database import make_engine
+
+    engine = make_engine(settings.database_url)
+    try:
+        added = demo.seed(engine, settings, args.users)
+    finally:
+        engine.dispose()
+    logs.get_logger().info("demo_users_seeded", added=added, total=args.users)
+    return EX_OK
+
+
+_COMMANDS = {
+    "run": _run,
+    "once": _once,
+    "migrate": _migrate,
+    "check-config": _check_config,
+    "status": _status,
+    "seed-demo": _seed_demo,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="background-sync",
+        description="Keeps every user of an application freshly synced with its backend.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    env = argparse.ArgumentParser(add_help=False)
+    env.add_argument(
+        "--env-file",
+        type=Path,
+        default=None,
+        help="KEY=VALUE file layered over the environment, re-read on SIGHUP",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[env], help="run the daemon in the foreground")
+    sub.add_parser("once", parents=[env], help="run one cycle; exit 1 if any user failed")
+    sub.add_parser("migrate", parents=[env], help="create or upgrade the daemon's tables")
+    sub.add_parser("check-config", parents=[env], help="print the effective configuration")
+    status = sub.add_parser("status", parents=[env], help="recent runs, due and failing users")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    seed = sub.add_parser("seed-demo", parents=[env], help="create and fill a demo users table")
+    seed.add_argument("--users", type=int, default=25, help="how many users the table should hold")
+    backend = sub.add_parser(
+        "reference-backend", help="run the bundled backend that implements the contract"
+    )
+    from daemon import reference_backend
+
+    reference_backend.add_arguments(backend)
+    return parser

@@ -1,0 +1,123 @@
+"""`background-sync status`: what it is doing, what failed, since when, from the database.
+
+Reads only; works whether or not a daemon is running, and shows every instance that
+shares the database, not just the local one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import desc, func, select
+from sqlalchemy.orm import Session
+
+from daemon.database import Database, aware
+from daemon.models import operations, runs, user_state
+from daemon.settings import Settings
+from daemon.store import Store
+
+RECENT_RUNS = 10
+FAILING_USERS = 20
+
+
+def collect(db: Database, store: Store, settings: Settings, *, now: datetime) -> dict[str, Any]:
+    stale_before = now - timedelta(seconds=settings.stale_after_seconds)
+
+    def unit(session: Session) -> dict[str, Any]:
+        return {
+            "recent_runs": _recent_runs(session),
+            "leases": _leases(session, now),
+            "failing_users": _failing_users(session),
+            "running_operations": session.execute(
+                select(func.count()).where(operations.c.finished_at.is_(None))
+            ).scalar_one(),
+        }
+
+    result = db.transaction(unit, name="status")
+    result["due_users"] = store.count_due(now=now, stale_before=stale_before)
+    result["generated_at"] = now.isoformat()
+    return result
+
+
+def _recent_runs(session: Session) -> list[dict[str, Any]]:
+    rows = session.execute(select(runs).order_by(desc(runs.c.started_at)).limit(RECENT_RUNS))
+    return [
+        {
+            "run_id": r.id,
+            "instance": r.instance,
+            "started_at": _iso(r.started_at),
+            "finished_at": _iso(r.finished_at),
+            "outcome": r.outcome,
+            "claimed": r.claimed,
+            "succeeded": r.succeeded,
+            "failed": r.failed,
+            "skipped": r.skipped,
+            "error": r.error,
+        }
+        for r in rows
+    ]
+
+
+def _leases(session: Session, now: datetime) -> list[dict[str, Any]]:
+    s = user_state.c
+    rows = session.execute(
+        select(s.lease_owner, func.count(), func.max(s.lease_expires_at))
+        .where(s.lease_owner.is_not(None), s.lease_expires_at >= now)
+        .group_by(s.lease_owner)
+    )
+    return [
+        {"instance": owner, "leases": count, "latest_expiry": _iso(latest)}
+        for owner, count, latest in rows
+    ]
+
+
+def _failing_users(session: Session) -> list[dict[str, Any]]:
+    s = user_state.c
+    rows = session.execute(
+        select(s.user_key, s.consecutive_failures, s.last_status, s.last_error, s.next_attempt_at)
+        .where(s.consecutive_failures > 0)
+        .order_by(desc(s.consecutive_failures), s.user_key)
+        .limit(FAILING_USERS)
+    )
+    return [
+        {
+            "user_id": key,
+            "consecutive_failures": failures,
+            "last_status": status,
+            "last_error": error,
+            "next_attempt_at": _iso(next_at),
+        }
+        for key, failures, status, error, next_at in rows
+    ]
+
+
+def _iso(value: datetime | None) -> str | None:
+    value = aware(value)
+    return value.isoformat() if value else None
+
+
+def render(data: dict[str, Any]) -> str:
+    """The human form of `status`."""
+    lines = [f"due users: {data['due_users']}"]
+    lines.append(f"operations in flight: {data['running_operations']}")
+    if data["leases"]:
+        lines.append("leases held:")
+        lines += [f"  {lease['instance']}: {lease['leases']}" for lease in data["leases"]]
+    lines.append("recent runs:")
+    if not data["recent_runs"]:
+        lines.append("  (none yet)")
+    for run in data["recent_runs"]:
+        lines.append(
+            f"  {run['started_at']}  {run['outcome']:<11} claimed={run['claimed']} "
+            f"ok={run['succeeded']} failed={run['failed']} skipped={run['skipped']}  "
+            f"{run['instance']}"
+        )
+    if data["failing_users"]:
+        lines.append("failing users:")
+        for user in data["failing_users"]:
+            lines.append(
+                f"  {user['user_id']}: {user['consecutive_failures']} in a row, "
+                f"last {user['last_status'] or '-'} {user['last_error'] or ''}".rstrip()
+            )
+    return "\n".join(lines)
