@@ -15,9 +15,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, MetaData, Table, create_engine, event, inspect
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -136,8 +134,6 @@ class Database:
 
     def ping(self) -> None:
         """Raise StoreError unless the database answers a trivial query."""
-        from sqlalchemy import text
-
         self.transaction(lambda s: s.execute(text("SELECT 1")).scalar_one(), name="ping")
 
     def reflect_users(self, settings: Settings) -> Table:
@@ -168,6 +164,9 @@ class Database:
 
 def migrate(engine: Engine) -> str | None:
     """Bring the daemon's tables to the newest revision; return that revision."""
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(resources.files("daemon") / "migrations"))
     with engine.begin() as connection:
@@ -177,11 +176,21 @@ def migrate(engine: Engine) -> str | None:
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
+    """The schema revision the database is at (read directly: importing Alembic is slow)."""
+    if not inspect(engine).has_table(VERSION_TABLE):
+        return None
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-        return context.get_current_revision()
+        return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+
+
+def head_revision() -> str | None:
+    """The newest revision this version of the daemon ships."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("daemon") / "migrations"))
+    return ScriptDirectory.from_config(config).get_current_head()
 
 
 def has_daemon_tables(engine: Engine) -> bool:

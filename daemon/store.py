@@ -123,6 +123,21 @@ class Store:
         self._naive_last_sync = not getattr(self._last_sync.type, "timezone", False)
         self._postgres = db.dialect == "postgresql"
         self._insert = postgresql.insert if self._postgres else sqlite.insert
+        take = self._insert(user_state)
+        # Executed with many rows at once; a live lease (not expired) is left alone.
+        self._take_lease = take.on_conflict_do_update(
+            index_elements=[user_state.c.user_key],
+            set_={
+                "lease_owner": take.excluded.lease_owner,
+                "lease_token": take.excluded.lease_token,
+                "lease_expires_at": take.excluded.lease_expires_at,
+                "last_attempt_at": take.excluded.last_attempt_at,
+            },
+            where=or_(
+                user_state.c.lease_expires_at.is_(None),
+                user_state.c.lease_expires_at < bindparam("b_now"),
+            ),
+        )
         self._mark_synced = (
             update(users)
             .where(self._id == bindparam("b_id"))
@@ -266,7 +281,8 @@ class Store:
         s = user_state.c
         tokens = {row[2]: uuid.uuid4().hex for row in rows}
         expires = now + self.lease
-        stmt = self._insert(user_state).values(
+        session.execute(
+            self._take_lease,
             [
                 {
                     "user_key": key,
@@ -275,21 +291,19 @@ class Store:
                     "lease_expires_at": expires,
                     "last_attempt_at": now,
                     "consecutive_failures": 0,
+                    "b_now": now,
                 }
                 for key, token in tokens.items()
-            ]
+            ],
         )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[s.user_key],
-            set_={
-                "lease_owner": stmt.excluded.lease_owner,
-                "lease_token": stmt.excluded.lease_token,
-                "lease_expires_at": stmt.excluded.lease_expires_at,
-                "last_attempt_at": stmt.excluded.last_attempt_at,
-            },
-            where=or_(s.lease_expires_at.is_(None), s.lease_expires_at < now),
-        ).returning(s.user_key)
-        won = set(session.scalars(stmt))
+        # A conditional upsert cannot say per row whether it won; the tokens can.
+        won = {
+            key
+            for key, token in session.execute(
+                select(s.user_key, s.lease_token).where(s.user_key.in_(list(tokens)))
+            )
+            if token == tokens[key]
+        }
         claims = [Claim(r[0], r[2], r[1], tokens[r[2]]) for r in rows if r[2] in won]
         if claims:
             session.execute(
