@@ -32,7 +32,6 @@ T = TypeVar("T")
 
 USER_BACKOFF_CAP_SECONDS = 6 * 3600.0
 FLUSH_INTERVAL_SECONDS = 0.2
-DB_UNIT_BOUND_SECONDS = 120.0
 _DONE = object()
 
 
@@ -272,6 +271,7 @@ class Cycle:
                 "finish",
                 self._store.finish,
                 batch,
+                run_id=self.run_id,
                 now=self._clock.now(),
                 backoff=self._user_backoff,
             )
@@ -324,9 +324,7 @@ class Cycle:
         if self._pending:
             self._log.error("results_not_recorded", count=len(self._pending))
         try:
-            released = await self._bounded_db(
-                "release_all", self._store.release_all, self.run_id, now=self._clock.now()
-            )
+            released = await self._bounded_db("release_all", self._store.release_all)
             if released:
                 self._log.info("leases_released", count=released)
         except StoreError as exc:
@@ -379,7 +377,8 @@ class Cycle:
         return report
 
     async def _bounded_db(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        with self.progress.bounded(DB_UNIT_BOUND_SECONDS, f"database {what}"):
+        # A unit of work that outlasts a lease cannot keep leases alive: it is wedged.
+        with self.progress.bounded(self.settings.lease_seconds, f"database {what}"):
             return await self._db(fn, *args, **kwargs)
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import desc, func, select
 from sqlalchemy.orm import Session
 
 from daemon.database import Database, aware
-from daemon.models import operations, runs, user_state
+from daemon.models import runs, user_state
 from daemon.settings import Settings
 from daemon.store import Store
 
@@ -29,8 +29,10 @@ def collect(db: Database, store: Store, settings: Settings, *, now: datetime) ->
             "recent_runs": _recent_runs(session),
             "leases": _leases(session, now),
             "failing_users": _failing_users(session),
-            "running_operations": session.execute(
-                select(func.count()).where(operations.c.finished_at.is_(None))
+            "users_in_flight": session.execute(
+                select(func.count()).where(
+                    user_state.c.lease_owner.is_not(None), user_state.c.lease_expires_at >= now
+                )
             ).scalar_one(),
         }
 
@@ -100,7 +102,7 @@ def _iso(value: datetime | None) -> str | None:
 def render(data: dict[str, Any]) -> str:
     """The human form of `status`."""
     lines = [f"due users: {data['due_users']}"]
-    lines.append(f"operations in flight: {data['running_operations']}")
+    lines.append(f"users in flight: {data['users_in_flight']}")
     if data["leases"]:
         lines.append("leases held:")
         lines += [f"  {lease['instance']}: {lease['leases']}" for lease in data["leases"]]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-STALL_GRACE_SECONDS = 15.0
+STALL_GRACE_SECONDS = 5.0
 
 
 @dataclass

@@ -59,6 +59,7 @@ class Claim:
     key: str
     email: str
     token: str
+    claimed_at: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -304,23 +305,7 @@ class Store:
             )
             if token == tokens[key]
         }
-        claims = [Claim(r[0], r[2], r[1], tokens[r[2]]) for r in rows if r[2] in won]
-        if claims:
-            session.execute(
-                insert(operations),
-                [
-                    {
-                        "id": c.token,
-                        "run_id": run_id,
-                        "user_key": c.key,
-                        "instance": self.instance,
-                        "started_at": now,
-                        "heartbeat_at": now,
-                    }
-                    for c in claims
-                ],
-            )
-        return claims
+        return [Claim(r[0], r[2], r[1], tokens[r[2]], now) for r in rows if r[2] in won]
 
     def _skip_locked(self, session: Session, rows: Sequence[Any]) -> list[Any]:
         """Drop users whose state row another instance is claiming right now."""
@@ -340,6 +325,7 @@ class Store:
         self,
         results: Sequence[Result],
         *,
+        run_id: str,
         now: datetime,
         backoff: Callable[[int], float],
     ) -> Finished:
@@ -374,7 +360,7 @@ class Store:
                     ],
                 )
             self._update_states(session, held, current, now=now, backoff=backoff)
-            self._close_operations(session, results, lost)
+            self._close_operations(session, results, lost, run_id)
             return Finished(lease_lost=lost)
 
         return self.db.transaction(unit, name="finish")
@@ -452,24 +438,20 @@ class Store:
             )
 
     def _close_operations(
-        self, session: Session, results: Sequence[Result], lost: Sequence[Result]
+        self, session: Session, results: Sequence[Result], lost: Sequence[Result], run_id: str
     ) -> None:
+        """One row per finished attempt; in-flight work is the lease row itself."""
         lost_tokens = {r.claim.token for r in lost}
         session.execute(
-            update(operations)
-            .where(operations.c.id == bindparam("b_id"))
-            .values(
-                finished_at=bindparam("finished_at"),
-                heartbeat_at=bindparam("finished_at"),
-                outcome=bindparam("outcome"),
-                http_status=bindparam("http_status"),
-                attempts=bindparam("attempts"),
-                error=bindparam("error"),
-                duration_ms=bindparam("duration_ms"),
-            ),
+            insert(operations),
             [
                 {
-                    "b_id": r.claim.token,
+                    "id": r.claim.token,
+                    "run_id": run_id,
+                    "user_key": r.claim.key,
+                    "instance": self.instance,
+                    "started_at": r.claim.claimed_at or r.finished_at,
+                    "heartbeat_at": r.finished_at,
                     "finished_at": r.finished_at,
                     "outcome": "lease_lost" if r.claim.token in lost_tokens else r.outcome.value,
                     "http_status": r.http_status,
@@ -493,17 +475,12 @@ class Store:
                 .where(s.lease_owner == self.instance, s.lease_expires_at >= now)
                 .values(lease_expires_at=now + self.lease)
             ).rowcount
-            session.execute(
-                update(operations)
-                .where(operations.c.run_id == run_id, operations.c.finished_at.is_(None))
-                .values(heartbeat_at=now)
-            )
             session.execute(update(runs).where(runs.c.id == run_id).values(heartbeat_at=now))
             return int(renewed or 0)
 
         return self.db.transaction(unit, name="heartbeat")
 
-    def release_all(self, run_id: str, *, now: datetime) -> int:
+    def release_all(self) -> int:
         """Give back every lease this instance still holds, so others can take them now."""
 
         def unit(session: Session) -> int:
@@ -513,11 +490,6 @@ class Store:
                 .where(s.lease_owner == self.instance)
                 .values(lease_owner=None, lease_token=None, lease_expires_at=None)
             ).rowcount
-            session.execute(
-                update(operations)
-                .where(operations.c.run_id == run_id, operations.c.finished_at.is_(None))
-                .values(finished_at=now, heartbeat_at=now, outcome=Outcome.RELEASED.value)
-            )
             return int(released or 0)
 
         return self.db.transaction(unit, name="release_all")
