@@ -105,6 +105,7 @@ class App:
             return EX_UNAVAILABLE
         finally:
             self._notifier.stopping()
+            self._notifier.close()
 
     async def run_once(self) -> int:
         """One cycle, then exit: 0 if every due user synced, 1 if any failed."""

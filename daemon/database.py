@@ -31,7 +31,7 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 VERSION_TABLE = "background_sync_alembic_version"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
     """An engine tuned for its dialect: WAL and write-intent transactions for SQLite."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -42,9 +42,9 @@ def make_engine(url: str) -> Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            connect_args={"timeout": sqlite_busy_timeout_ms / 1000, "check_same_thread": False},
         )
-        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "connect", _sqlite_on_connect(sqlite_busy_timeout_ms))
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
     return create_engine(
@@ -57,16 +57,19 @@ def make_engine(url: str) -> Engine:
     )
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Take transaction control away from pysqlite so that BEGIN IMMEDIATE below is ours:
-    # a write transaction then holds the write lock from its first statement, and a
-    # concurrent writer waits on busy_timeout instead of failing at commit.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
+def _sqlite_on_connect(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite so that BEGIN IMMEDIATE below is
+        # ours: a write transaction then holds the write lock from its first statement,
+        # and a concurrent writer waits on busy_timeout instead of failing at commit.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return on_connect
 
 
 def _sqlite_on_begin(connection: Any) -> None:

@@ -8,6 +8,7 @@ sdnotify swallows errors unless asked to raise them.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 
 import sdnotify
@@ -20,7 +21,8 @@ class Notifier:
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
-        self._enabled = bool(env.get("NOTIFY_SOCKET"))
+        self._address = env.get("NOTIFY_SOCKET", "")
+        self._enabled = bool(self._address)
         self._watchdog_usec = _watchdog_usec(env)
         self._notifier: sdnotify.SystemdNotifier | None = None
         self._last_status: str | None = None
@@ -58,16 +60,41 @@ class Notifier:
     def stopping(self, status: str = "stopping") -> None:
         self._send(f"STOPPING=1\nSTATUS={status}")
 
+    def close(self) -> None:
+        if self._notifier is not None and self._notifier.socket is not None:
+            self._notifier.socket.close()
+        self._notifier = None
+
+    def _connect(self) -> sdnotify.SystemdNotifier:
+        """sdnotify's notifier on a socket we connected ourselves.
+
+        sdnotify's constructor drops its socket unclosed when the connect fails and, by
+        default, hides the failure; connecting here keeps both under our control, and
+        debug=True makes `notify` raise instead of swallowing send errors.
+        """
+        address = self._address
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.connect(address)
+        except OSError:
+            sock.close()
+            raise
+        notifier = sdnotify.SystemdNotifier.__new__(sdnotify.SystemdNotifier)
+        notifier.debug = True
+        notifier.socket = sock
+        return notifier
+
     def _send(self, message: str) -> None:
         if not self._enabled:
             return
         try:
             if self._notifier is None:
-                # debug=True makes sdnotify raise instead of hiding a missing socket.
-                self._notifier = sdnotify.SystemdNotifier(debug=True)
+                self._notifier = self._connect()
             self._notifier.notify(message)
         except OSError as exc:
-            self._notifier = None  # reconnect on the next message
+            self.close()  # reconnect on the next message
             self._log.warning(
                 "systemd_notify_failed", message=message.replace("\n", " "), error=str(exc)
             )

@@ -1,0 +1,125 @@
+"""Fixtures shared by every level: settings, a real SQLite file, the reference backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from sqlalchemy import Table, select, update
+
+from daemon import demo, settings as settings_module
+from daemon.database import Database, make_engine, migrate
+from daemon.reference_backend import Faults, start_server
+from daemon.settings import Settings
+from daemon.store import Store
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> SettingsFactory:
+    """Settings from a SYNC_* mapping, with test-friendly defaults."""
+
+    def make(**env: str) -> Settings:
+        base = {
+            "SYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'sync.db'}",
+            "SYNC_STATUS_ADDRESS": "",
+            "SYNC_RETRY_DELAY_SECONDS": "0.01",
+            "SYNC_REQUEST_TIMEOUT_SECONDS": "5",
+            "SYNC_LOG_FORMAT": "json",
+        }
+        return settings_module.load(base | env)
+
+    return make
+
+
+@dataclass
+class AppDatabase:
+    """The application's database as a test sees it: a users table and the daemon's."""
+
+    settings: Settings
+    db: Database
+    users: Table
+
+    def seed(self, count: int, *, last_sync: datetime | None = None) -> None:
+        demo.seed(self.db.engine, self.settings, count, last_sync=last_sync)
+
+    def last_syncs(self) -> dict[int, datetime | None]:
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(select(self.users.c.id, self.users.c.last_sync)).all()
+        return {row[0]: _utc(row[1]) for row in rows}
+
+    def set_last_sync(self, user_id: int, value: datetime | None) -> None:
+        naive = value.astimezone(UTC).replace(tzinfo=None) if value else None
+        with self.db.engine.begin() as conn:
+            conn.execute(
+                update(self.users).where(self.users.c.id == user_id).values(last_sync=naive)
+            )
+
+    def store(self, *, instance: str = "test-instance", lease_seconds: float = 60) -> Store:
+        return Store(
+            self.db,
+            self.db.reflect_users(self.settings),
+            id_column="id",
+            email_column="email",
+            last_sync_column="last_sync",
+            instance=instance,
+            lease_seconds=lease_seconds,
+        )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+@pytest.fixture
+def app_db(make_settings: SettingsFactory) -> Iterator[AppDatabase]:
+    """A fresh SQLite file with the daemon's tables and an empty users table."""
+    settings = make_settings()
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    demo.users_table(settings).metadata.create_all(engine)
+    db = Database(engine, base_delay=0.01)
+    yield AppDatabase(settings, db, db.reflect_users(settings))
+    db.dispose()
+
+
+class ReferenceBackend:
+    """The bundled backend on a free 127.0.0.1 port, with its fault switches."""
+
+    def __init__(self, port: int, session: aiohttp.ClientSession) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/api/v1/sync/start"
+        self._session = session
+
+    async def faults(self, **faults: Any) -> None:
+        async with self._session.put(f"{self.base}/_control/faults", json=faults) as response:
+            assert response.status == 200, await response.text()
+
+    async def stats(self) -> dict[str, Any]:
+        async with self._session.get(f"{self.base}/_control/stats") as response:
+            return dict(await response.json())
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[ReferenceBackend]:
+    runner, port = await start_server("127.0.0.1", 0, faults=Faults())
+    async with aiohttp.ClientSession() as session:
+        yield ReferenceBackend(port, session)
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def token_backend(tmp_path: Path) -> AsyncIterator[tuple[ReferenceBackend, Path]]:
+    token = "s3cr3t-token-7f2c9e"
+    path = tmp_path / "backend-token"
+    path.write_text(token + "\n")
+    runner, port = await start_server("127.0.0.1", 0, faults=Faults(), token=token)
+    async with aiohttp.ClientSession() as session:
+        yield ReferenceBackend(port, session), path
+    await runner.cleanup()

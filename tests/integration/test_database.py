@@ -1,0 +1,96 @@
+"""Database units of work: a failure rolls back, transient ones are retried, and after
+either the next unit runs on a clean, usable session."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from structlog.testing import capture_logs
+
+from daemon.database import Database, current_revision, has_daemon_tables, make_engine, migrate
+from daemon.errors import StoreError
+from daemon.models import runs
+from tests.conftest import AppDatabase
+
+
+def sqlite_path(app_db: AppDatabase) -> str:
+    return app_db.settings.database_url.removeprefix("sqlite:///")
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(app_db: AppDatabase) -> None:
+    with app_db.db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 10000
+
+
+def test_migrate_is_idempotent_and_leaves_the_users_table_alone(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+        conn.exec_driver_sql("INSERT INTO users (email) VALUES ('a@example.com')")
+    assert not has_daemon_tables(engine)
+    assert migrate(engine) == "0001"
+    assert migrate(engine) == "0001"
+    assert current_revision(engine) == "0001"
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT email FROM users").scalars().all() == [
+            "a@example.com"
+        ]
+    engine.dispose()
+
+
+def test_a_failed_unit_rolls_back_everything_it_wrote(app_db: AppDatabase) -> None:
+    def unit(session: Session) -> None:
+        session.execute(
+            runs.insert().values(
+                id="r1", instance="i", started_at=text("CURRENT_TIMESTAMP"),
+                heartbeat_at=text("CURRENT_TIMESTAMP"), outcome="running",
+            )
+        )
+        session.execute(text("INSERT INTO sync_runs (id) VALUES ('r1')"))  # duplicate key
+
+    with pytest.raises(StoreError, match="broken: (UNIQUE|NOT NULL) constraint failed") as caught:
+        app_db.db.transaction(unit, name="broken")
+    assert isinstance(caught.value.__cause__, IntegrityError)
+    rows = app_db.db.transaction(lambda s: s.execute(select(runs.c.id)).all(), name="read")
+    assert rows == []
+
+
+def test_a_locked_database_is_retried_with_backoff_until_it_frees(app_db: AppDatabase) -> None:
+    engine = make_engine(app_db.settings.database_url, sqlite_busy_timeout_ms=50)
+    db = Database(engine, attempts=8, base_delay=0.05)
+    locker = sqlite3.connect(sqlite_path(app_db), isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.4, locker.rollback).start()
+    try:
+        with capture_logs() as logs:
+            db.transaction(lambda s: s.execute(text("SELECT 1")).scalar_one(), name="probe")
+    finally:
+        locker.close()
+        db.dispose()
+    retries = [entry for entry in logs if entry["event"] == "database_retry"]
+    assert retries, "the lock should have caused at least one retry"
+    assert all("locked" in entry["error"] for entry in retries)
+
+
+def test_retries_run_out_into_a_store_error_and_the_next_unit_still_works(
+    app_db: AppDatabase,
+) -> None:
+    engine = make_engine(app_db.settings.database_url, sqlite_busy_timeout_ms=20)
+    db = Database(engine, attempts=2, base_delay=0.01)
+    locker = sqlite3.connect(sqlite_path(app_db), isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="probe: database is locked"):
+            db.transaction(lambda s: s.execute(text("SELECT 1")).scalar_one(), name="probe")
+    finally:
+        locker.rollback()
+        locker.close()
+    assert db.transaction(lambda s: s.execute(text("SELECT 2")).scalar_one(), name="p") == 2
+    db.dispose()
