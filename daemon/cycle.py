@@ -101,6 +101,8 @@ class Cycle:
         self._log = get_logger(run_id=self.run_id)
         self.degraded = False
         self._claim_error: StoreError | None = None
+        self._recording = True
+        self._recorder: asyncio.Task[None] | None = None
 
     async def run(self) -> Report:
         started = self._clock.now()
@@ -129,6 +131,7 @@ class Cycle:
         ]
         claimer = asyncio.create_task(self._claim_loop(started, stale_before), name="claimer")
         recorder = asyncio.create_task(self._record_loop(), name="recorder")
+        self._recorder = recorder
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="lease-heartbeat")
         stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
         all_done = asyncio.gather(claimer, *workers)
@@ -137,7 +140,7 @@ class Cycle:
                 [all_done, stop_wait, recorder, heartbeat], return_when=asyncio.FIRST_COMPLETED
             )
             for side_task in (recorder, heartbeat):
-                if side_task.done():  # they loop forever: ending means a bug, surface it
+                if side_task.done():  # they loop until told to stop: ending is a bug
                     side_task.result()
                     raise RuntimeError(f"{side_task.get_name()} ended unexpectedly")
             if self._stop.is_set():
@@ -148,9 +151,12 @@ class Cycle:
             for task in (claimer, stop_wait, *workers):
                 task.cancel()
             await asyncio.gather(all_done, stop_wait, return_exceptions=True)
-            recorder.cancel()
             heartbeat.cancel()
-            await asyncio.gather(recorder, heartbeat, return_exceptions=True)
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            # Never cancel the recorder: a batch write it started commits in the database
+            # thread regardless, and must be accounted for exactly once.
+            self._recording = False
+            self._flush_now.set()
 
     async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
         """Stop requested: give in-flight calls the grace period, then cut them."""
@@ -248,11 +254,14 @@ class Cycle:
             self._log.warning("user_sync_failed", **fields, error=result.error)
 
     async def _record_loop(self) -> None:
+        """Write results in batches until the cycle's work is over."""
         failures = 0
-        while True:
+        while self._recording:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush_now.wait(), FLUSH_INTERVAL_SECONDS)
             self._flush_now.clear()
+            if not self._recording:
+                return  # what is left is written by _wind_down
             try:
                 await self._flush()
                 failures = 0
@@ -312,6 +321,8 @@ class Cycle:
 
     async def _wind_down(self) -> None:
         """Record what finished, give back what did not, close the run row."""
+        if self._recorder is not None:
+            await asyncio.wait([self._recorder])
         deadline = self._clock.monotonic() + max(self.settings.shutdown_grace_seconds, 5.0)
         attempt = 0
         while self._pending and self._clock.monotonic() < deadline:

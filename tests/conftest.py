@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from sqlalchemy import Table, select, update
 
-from daemon import demo, settings as settings_module
+from daemon import demo
+from daemon import settings as settings_module
 from daemon.database import Database, make_engine, migrate
 from daemon.reference_backend import Faults, start_server
 from daemon.settings import Settings

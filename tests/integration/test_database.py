@@ -39,9 +39,7 @@ def test_migrate_is_idempotent_and_leaves_the_users_table_alone(tmp_path: Path) 
     assert migrate(engine) == "0001"
     assert current_revision(engine) == "0001"
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT email FROM users").scalars().all() == [
-            "a@example.com"
-        ]
+        assert conn.exec_driver_sql("SELECT email FROM users").scalars().all() == ["a@example.com"]
     engine.dispose()
 
 
@@ -49,8 +47,11 @@ def test_a_failed_unit_rolls_back_everything_it_wrote(app_db: AppDatabase) -> No
     def unit(session: Session) -> None:
         session.execute(
             runs.insert().values(
-                id="r1", instance="i", started_at=text("CURRENT_TIMESTAMP"),
-                heartbeat_at=text("CURRENT_TIMESTAMP"), outcome="running",
+                id="r1",
+                instance="i",
+                started_at=text("CURRENT_TIMESTAMP"),
+                heartbeat_at=text("CURRENT_TIMESTAMP"),
+                outcome="running",
             )
         )
         session.execute(text("INSERT INTO sync_runs (id) VALUES ('r1')"))  # duplicate key

@@ -158,12 +158,14 @@ def test_a_user_is_attempted_at_most_once_per_cycle(app_db: AppDatabase) -> None
     app_db.seed(1)
     store = app_db.store()
     (claim,) = claim_all(store)
-    store.finish(
-        [Result(claim, Outcome.CONFLICT, NOW)], run_id="r", now=NOW, backoff=lambda n: 1
-    )
+    store.finish([Result(claim, Outcome.CONFLICT, NOW)], run_id="r", now=NOW, backoff=lambda n: 1)
     # same cycle (cycle_started=NOW), a fresh scan: the user was attempted already
     again = store.claim(
-        Cursor(), 10, run_id="r", now=NOW + timedelta(seconds=1), cycle_started=NOW,
+        Cursor(),
+        10,
+        run_id="r",
+        now=NOW + timedelta(seconds=1),
+        cycle_started=NOW,
         stale_before=STALE,
     )
     assert again == []
@@ -202,8 +204,13 @@ def test_runs_are_recorded_and_old_history_is_pruned(app_db: AppDatabase) -> Non
     store = app_db.store()
     store.start_run("old", now=NOW - timedelta(days=30))
     store.finish_run(
-        "old", now=NOW - timedelta(days=30), outcome="succeeded", claimed=1, succeeded=1,
-        failed=0, skipped=0,
+        "old",
+        now=NOW - timedelta(days=30),
+        outcome="succeeded",
+        claimed=1,
+        succeeded=1,
+        failed=0,
+        skipped=0,
     )
     (claim,) = claim_all(store)
     succeed(store, [claim])

@@ -1,0 +1,303 @@
+"""Whole cycles against a real SQLite file and the reference backend on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from structlog.testing import capture_logs
+
+from daemon.backend import BackendClient
+from daemon.cycle import Cycle, DbRunner, Report
+from daemon.models import runs, user_state
+from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
+
+
+class RecordingSleep:
+    """Backoff sleeps are recorded and shortened: time is injected, not slept on."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        await asyncio.sleep(0)
+
+
+async def run_cycle(
+    app_db: AppDatabase,
+    make_settings: SettingsFactory,
+    url: str,
+    *,
+    stop: asyncio.Event | None = None,
+    sleep: Any = None,
+    **env: str,
+) -> Report:
+    settings = make_settings(SYNC_BACKEND_URL=url, **env)
+    db = DbRunner()
+    session = BackendClient.open_session(settings)
+    try:
+        client = BackendClient(settings, session, sleep=sleep or RecordingSleep())
+        cycle = Cycle(
+            settings,
+            app_db.store(lease_seconds=settings.lease_seconds),
+            client,
+            db,
+            stop=stop or asyncio.Event(),
+        )
+        return await cycle.run()
+    finally:
+        await session.close()
+        db.close()
+
+
+def synced(app_db: AppDatabase) -> set[int]:
+    return {uid for uid, when in app_db.last_syncs().items() if when is not None}
+
+
+def held_leases(app_db: AppDatabase) -> int:
+    with app_db.db.engine.connect() as conn:
+        rows = conn.execute(select(user_state).where(user_state.c.lease_owner.is_not(None)))
+        return len(rows.all())
+
+
+async def test_every_due_user_is_synced_exactly_once(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(300)
+    report = await run_cycle(app_db, make_settings, backend.url, SYNC_CONCURRENCY="8")
+    stats = await backend.stats()
+    assert (report.outcome, report.succeeded, report.failed) == ("succeeded", 300, 0)
+    assert synced(app_db) == set(range(1, 301))
+    assert stats["successes"] == 300
+    assert set(stats["per_user_calls"].values()) == {1}
+    assert stats["overlaps"] == 0
+    assert stats["max_in_flight"] <= 8
+    assert held_leases(app_db) == 0
+
+
+async def test_a_user_synced_ten_minutes_ago_is_not_called(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(3)
+    app_db.set_last_sync(2, datetime.now(UTC) - timedelta(minutes=10))
+    await run_cycle(app_db, make_settings, backend.url)
+    assert set((await backend.stats())["per_user_calls"]) == {"1", "3"}
+
+
+async def test_a_failed_or_5xx_call_never_advances_last_sync(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(5)
+    await backend.faults(error_rate=1.0)
+    report = await run_cycle(app_db, make_settings, backend.url, SYNC_MAX_RETRIES="2")
+    assert (report.outcome, report.failed, report.succeeded) == ("failed", 5, 0)
+    assert synced(app_db) == set()
+    assert (await backend.stats())["requests"] == 15  # 1 try + 2 retries each
+    assert held_leases(app_db) == 0
+
+
+async def test_a_hanging_backend_is_cut_by_the_timeout_and_the_cycle_ends(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(3)
+    await backend.faults(hang_rate=1.0)
+    with capture_logs() as logs:
+        report = await asyncio.wait_for(
+            run_cycle(
+                app_db,
+                make_settings,
+                backend.url,
+                SYNC_REQUEST_TIMEOUT_SECONDS="0.3",
+                SYNC_MAX_RETRIES="0",
+            ),
+            timeout=10,
+        )
+    assert (report.outcome, report.failed) == ("failed", 3)
+    failures = [e for e in logs if e["event"] == "user_sync_failed"]
+    assert {e["error"] for e in failures} == {"timed out after 0.3s"}
+    assert synced(app_db) == set()
+
+
+async def test_garbage_and_oversized_bodies_fail_that_user_not_the_daemon(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(40)
+    await backend.faults(garbage_rate=0.25, oversize_rate=0.25, seed=3)
+    with capture_logs() as logs:
+        report = await run_cycle(app_db, make_settings, backend.url, SYNC_MAX_RETRIES="0")
+    errors = {e["error"] for e in logs if e["event"] == "user_sync_failed"}
+    assert errors == {
+        "response body is not a JSON object",
+        f"response body larger than {1024 * 1024} bytes",
+    }
+    assert report.succeeded + report.failed == 40
+    assert 0 < report.failed < 40
+    assert len(synced(app_db)) == report.succeeded
+
+
+async def test_resets_and_5xx_are_retried_and_every_success_is_recorded(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(60)
+    await backend.faults(reset_rate=0.2, error_rate=0.2, unavailable_rate=0.1, seed=11)
+    report = await run_cycle(app_db, make_settings, backend.url, SYNC_MAX_RETRIES="8")
+    stats = await backend.stats()
+    assert report.succeeded == 60
+    assert synced(app_db) == set(range(1, 61))
+    assert stats["by_status"].get("reset", 0) > 0
+    # the Idempotency-Key is stable across the retries of one user in one cycle
+    assert stats["idempotency_keys_seen"] == 60
+
+
+async def test_retry_after_on_429_is_honoured(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(1)
+    await backend.faults(rate_limit_rate=1.0, retry_after_seconds=7)
+    sleep = RecordingSleep()
+    report = await run_cycle(app_db, make_settings, backend.url, sleep=sleep, SYNC_MAX_RETRIES="2")
+    assert report.failed == 1
+    assert sleep.delays and all(delay >= 7 for delay in sleep.delays)
+
+
+async def test_a_409_conflict_is_neither_success_nor_failure(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(4)
+    await backend.faults(conflict_rate=1.0)
+    report = await run_cycle(app_db, make_settings, backend.url)
+    assert (report.outcome, report.skipped, report.failed, report.succeeded) == (
+        "succeeded",
+        4,
+        0,
+        0,
+    )
+    assert synced(app_db) == set()
+    assert (await backend.stats())["requests"] == 4  # a conflict is not retried
+
+
+async def test_a_202_is_polled_until_the_background_sync_finishes(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(3)
+    await backend.faults(accepted_rate=1.0, job_seconds=0.1)
+    report = await run_cycle(app_db, make_settings, backend.url)
+    assert report.succeeded == 3
+    assert synced(app_db) == {1, 2, 3}
+    assert (await backend.stats())["progress_polls"] >= 3
+
+
+async def test_a_202_whose_background_sync_fails_is_a_failure(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(2)
+    await backend.faults(accepted_rate=1.0, job_seconds=0.05, job_failure_rate=1.0)
+    report = await run_cycle(app_db, make_settings, backend.url)
+    assert report.failed == 2
+    assert synced(app_db) == set()
+
+
+async def test_the_payload_is_merged_into_every_request(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(1)
+    await run_cycle(app_db, make_settings, backend.url, SYNC_BACKEND_PAYLOAD='{"max_emails": 50}')
+    body = (await backend.stats())["last_body"]
+    assert body == {"max_emails": 50, "user_id": 1, "email": "user1@example.com"}
+
+
+async def test_the_token_is_sent_and_absent_from_every_log_line(
+    app_db: AppDatabase,
+    make_settings: SettingsFactory,
+    token_backend: tuple[ReferenceBackend, Path],
+) -> None:
+    backend, token_file = token_backend
+    token = token_file.read_text().strip()
+    app_db.seed(10)
+    await backend.faults(error_rate=0.3, seed=5)
+    with capture_logs() as logs:
+        report = await run_cycle(
+            app_db,
+            make_settings,
+            backend.url,
+            SYNC_BACKEND_TOKEN_FILE=str(token_file),
+            SYNC_MAX_RETRIES="0",
+        )
+    assert report.succeeded > 0
+    assert (await backend.stats())["auth_failures"] == 0
+    assert token not in json.dumps(logs, default=str)
+
+
+async def test_a_401_is_reported_as_a_configuration_problem(
+    app_db: AppDatabase,
+    make_settings: SettingsFactory,
+    token_backend: tuple[ReferenceBackend, Path],
+) -> None:
+    backend, _ = token_backend
+    app_db.seed(2)
+    with capture_logs() as logs:
+        report = await run_cycle(app_db, make_settings, backend.url)
+    assert report.failed == 2
+    rejected = [e for e in logs if e["event"] == "backend_auth_rejected"]
+    assert len(rejected) == 2
+    assert "SYNC_BACKEND_TOKEN_FILE" in rejected[0]["error"]
+    assert (await backend.stats())["requests"] == 2  # never retried
+
+
+async def test_stop_lets_in_flight_calls_finish_and_releases_the_rest(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(50)
+    await backend.faults(latency_ms=300)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.5, stop.set)
+    report = await run_cycle(app_db, make_settings, backend.url, stop=stop, SYNC_CONCURRENCY="4")
+    assert report.outcome == "interrupted"
+    assert 0 < report.succeeded < 50
+    assert len(synced(app_db)) == report.succeeded
+    assert held_leases(app_db) == 0
+    with app_db.db.engine.connect() as conn:
+        assert conn.execute(select(runs.c.outcome)).scalar_one() == "interrupted"
+
+
+async def test_a_call_past_the_grace_period_is_cut_and_its_lease_released(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(2)
+    await backend.faults(hang_rate=1.0)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, stop.set)
+    report = await asyncio.wait_for(
+        run_cycle(
+            app_db,
+            make_settings,
+            backend.url,
+            stop=stop,
+            SYNC_SHUTDOWN_GRACE_SECONDS="0.5",
+        ),
+        timeout=10,
+    )
+    assert report.outcome == "interrupted"
+    assert synced(app_db) == set()
+    assert held_leases(app_db) == 0
+
+
+@pytest.mark.parametrize("concurrency", ["1", "16"])
+async def test_no_two_calls_for_one_user_ever_overlap(
+    app_db: AppDatabase,
+    make_settings: SettingsFactory,
+    backend: ReferenceBackend,
+    concurrency: str,
+) -> None:
+    app_db.seed(200)
+    await backend.faults(latency_ms=5, error_rate=0.2, seed=2)
+    await run_cycle(
+        app_db, make_settings, backend.url, SYNC_CONCURRENCY=concurrency, SYNC_MAX_RETRIES="3"
+    )
+    assert (await backend.stats())["overlaps"] == 0
