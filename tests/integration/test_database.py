@@ -56,7 +56,7 @@ def test_a_failed_unit_rolls_back_everything_it_wrote(app_db: AppDatabase) -> No
         )
         session.execute(text("INSERT INTO sync_runs (id) VALUES ('r1')"))  # duplicate key
 
-    with pytest.raises(StoreError, match="broken: (UNIQUE|NOT NULL) constraint failed") as caught:
+    with pytest.raises(StoreError, match=r"broken: (UNIQUE|NOT NULL) constraint failed") as caught:
         app_db.db.transaction(unit, name="broken")
     assert isinstance(caught.value.__cause__, IntegrityError)
     rows = app_db.db.transaction(lambda s: s.execute(select(runs.c.id)).all(), name="read")

@@ -28,7 +28,7 @@ EMPTY=
 
 
 def test_a_malformed_line_names_the_file_and_line() -> None:
-    with pytest.raises(ConfigError, match="sync.env:2: expected KEY=VALUE"):
+    with pytest.raises(ConfigError, match=r"sync\.env:2: expected KEY=VALUE"):
         envfile.parse("A=1\nnot a pair\n", source="sync.env")
 
 

@@ -76,7 +76,7 @@ def test_bad_value_is_one_error_naming_the_variable(variable: str, value: str) -
 
 
 def test_a_lease_shorter_than_a_request_is_refused() -> None:
-    with pytest.raises(ConfigError, match="^SYNC_LEASE_SECONDS:"):
+    with pytest.raises(ConfigError, match=r"^SYNC_LEASE_SECONDS:"):
         load({"SYNC_LEASE_SECONDS": "10", "SYNC_REQUEST_TIMEOUT_SECONDS": "30"})
 
 
@@ -104,7 +104,7 @@ def test_token_comes_from_systemd_credentials_when_present(tmp_path: Path) -> No
 
 
 def test_unreadable_or_empty_token_file_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="^SYNC_BACKEND_TOKEN_FILE: cannot read"):
+    with pytest.raises(ConfigError, match=r"^SYNC_BACKEND_TOKEN_FILE: cannot read"):
         load({"SYNC_BACKEND_TOKEN_FILE": str(tmp_path / "missing")})
     (tmp_path / "empty").write_text("  \n")
     with pytest.raises(ConfigError, match="is empty"):
