@@ -48,8 +48,14 @@ DATABASE_OUTAGE_LIMIT_SECONDS = 600.0
 DATABASE_RETRY_SECONDS = 30.0
 LOOP_WAKE_SECONDS = 1.0
 # Settings that name the database or sockets the process already holds.
-RESTART_ONLY = ("database_url", "users_table", "user_id_column", "user_email_column")
-RESTART_ONLY += ("last_sync_column", "status_address")
+RESTART_ONLY = (
+    "database_url",
+    "users_table",
+    "user_id_column",
+    "user_email_column",
+    "last_sync_column",
+    "status_address",
+)
 
 
 def instance_name() -> str:
@@ -88,6 +94,7 @@ class App:
         self._fatal: int | None = None
         self._db_down_since: float | None = None
         self._sigint_count = 0
+        self._reload_task: asyncio.Task[None] | None = None
         self._state = "starting"
 
     # -- public entry points ---------------------------------------------------------
@@ -340,7 +347,7 @@ class App:
         handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: lambda: self.stop("SIGTERM"),
             signal.SIGINT: self._on_sigint,
-            signal.SIGHUP: lambda: asyncio.ensure_future(self.reload()),
+            signal.SIGHUP: self._on_sighup,
             signal.SIGUSR1: lambda: self.request_cycle("SIGUSR1"),
         }
         for number, handler in handlers.items():
@@ -350,6 +357,10 @@ class App:
         finally:
             for number in handlers:
                 loop.remove_signal_handler(number)
+
+    def _on_sighup(self) -> None:
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.create_task(self.reload(), name="reload")
 
     def _on_sigint(self) -> None:
         self._sigint_count += 1

@@ -136,9 +136,8 @@ class Cycle:
         stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
         all_done = asyncio.gather(claimer, *workers)
         try:
-            await asyncio.wait(
-                [all_done, stop_wait, recorder, heartbeat], return_when=asyncio.FIRST_COMPLETED
-            )
+            watched: list[asyncio.Future[Any]] = [all_done, stop_wait, recorder, heartbeat]
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             for side_task in (recorder, heartbeat):
                 if side_task.done():  # they loop until told to stop: ending is a bug
                     side_task.result()

@@ -22,7 +22,9 @@ class Scheduler:
 
     def _arm(self) -> None:
         self._schedule.clear()
-        self._schedule.every(self.interval).seconds.do(self._on_tick)
+        # `schedule` is annotated for whole seconds but computes with timedelta, so a
+        # fractional interval works as expected.
+        self._schedule.every(self.interval).seconds.do(self._on_tick)  # type: ignore[arg-type]
 
     def reschedule(self, interval: float) -> None:
         """Apply a new interval (SIGHUP), counting from now."""

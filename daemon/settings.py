@@ -29,6 +29,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _LOG_FORMATS = ("auto", "json", "console")
+_DEFAULT_STATUS_ADDRESS: tuple[str, int] | None = ("127.0.0.1", 8787)
 
 
 class Secret:
@@ -131,7 +132,7 @@ def load(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> S
         user_id_column=reader.get("SYNC_USER_ID_COLUMN", _identifier, "id"),
         user_email_column=reader.get("SYNC_USER_EMAIL_COLUMN", _identifier, "email"),
         last_sync_column=reader.get("SYNC_LAST_SYNC_COLUMN", _identifier, "last_sync"),
-        status_address=reader.get("SYNC_STATUS_ADDRESS", _address, ("127.0.0.1", 8787)),
+        status_address=reader.get("SYNC_STATUS_ADDRESS", _address, _DEFAULT_STATUS_ADDRESS),
         log_level=reader.get("SYNC_LOG_LEVEL", _choice(_LOG_LEVELS, upper=True), "INFO"),
         log_format=reader.get("SYNC_LOG_FORMAT", _choice(_LOG_FORMATS), "auto"),
         dry_run=reader.get("SYNC_DRY_RUN", _boolean, False),

@@ -474,7 +474,7 @@ class Store:
                 update(user_state)
                 .where(s.lease_owner == self.instance, s.lease_expires_at >= now)
                 .values(lease_expires_at=now + self.lease)
-            ).rowcount
+            ).rowcount  # type: ignore[attr-defined]
             session.execute(update(runs).where(runs.c.id == run_id).values(heartbeat_at=now))
             return int(renewed or 0)
 
@@ -489,7 +489,7 @@ class Store:
                 update(user_state)
                 .where(s.lease_owner == self.instance)
                 .values(lease_owner=None, lease_token=None, lease_expires_at=None)
-            ).rowcount
+            ).rowcount  # type: ignore[attr-defined]
             return int(released or 0)
 
         return self.db.transaction(unit, name="release_all")
@@ -544,7 +544,7 @@ class Store:
         def unit(session: Session) -> int:
             gone = session.execute(
                 delete(operations).where(operations.c.finished_at < before)
-            ).rowcount
+            ).rowcount  # type: ignore[attr-defined]
             session.execute(delete(runs).where(runs.c.finished_at < before))
             return int(gone or 0)
 
