@@ -225,20 +225,32 @@ def daemon_environment(
     return env
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def stop_group(proc: subprocess.Popen[Any], grace: float = BACKEND_STOP_SECONDS) -> None:
-    """SIGTERM the process group this script started, then SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
+    """SIGTERM the process group this script started, then SIGKILL what lingers.
+
+    The group, not just the child: when the child is /usr/bin/time, it dies on SIGTERM
+    at once while the daemon under it is still draining.
+    """
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None and not _group_alive(proc.pid):
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(proc.pid):
+                return
+            time.sleep(0.05)
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -767,8 +779,13 @@ def benchmark(args: argparse.Namespace, workdir: Path, report: dict[str, Any]) -
         engine.dispose()
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up on SIGTERM as on Ctrl-C
     report: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "parameters": {
@@ -794,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     measured: list[RunResult] = report.pop("_measured")
     startup: list[RunResult] = report.pop("_startup")
     startup_cpus = [r.time.cpu_s for r in startup if r.time.cpu_s is not None]
-    startup_cpu = statistics.median(startup_cpus) if startup_cpus else None
+    startup_cpu = round(statistics.median(startup_cpus), 3) if startup_cpus else None
     say("")
     for run in [*measured, *startup]:
         for line in describe(run, startup_cpu):

@@ -12,25 +12,28 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import random
 import signal
 import socket
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from daemon import envfile, logs, statusweb
+from daemon import control, envfile, logs, statusweb
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
 from daemon.cycle import Clock, Cycle, DbRunner, Report, dry_run
 from daemon.database import Database, current_revision, make_engine
 from daemon.errors import ConfigError, StoreError
 from daemon.metrics import Metrics
+from daemon.resilience import BackendGate
 from daemon.scheduler import Scheduler
 from daemon.settings import Settings
 from daemon.store import Store
@@ -44,9 +47,12 @@ EX_CONFIG = 78
 EX_FORCED = 130
 
 STARTUP_DATABASE_WAIT_SECONDS = 60.0
-DATABASE_OUTAGE_LIMIT_SECONDS = 600.0
 DATABASE_RETRY_SECONDS = 30.0
 LOOP_WAKE_SECONDS = 1.0
+CONTROL_POLL_SECONDS = 2.0
+FORCE_COOLDOWN_SECONDS = 10.0
+# Runs and instances silent for this long are cleaned up as abandoned.
+ABANDONED_AFTER = timedelta(minutes=10)
 # Settings that name the database or sockets the process already holds.
 RESTART_ONLY = (
     "database_url",
@@ -94,6 +100,15 @@ class App:
         self._fatal: int | None = None
         self._db_down_since: float | None = None
         self._sigint_count = 0
+        self._rng = random.Random()
+        self._gate = self._make_gate(settings)
+        self._carry: tuple[Any, ...] = ()
+        self._started_at: datetime = self._clock.now()
+        self._paused = False
+        self._seen_force: datetime | None = None
+        self._last_forced = -FORCE_COOLDOWN_SECONDS
+        self._control_due = 0.0
+        self._control_seen = False
         self._reload_task: asyncio.Task[None] | None = None
         self._state = "starting"
 
@@ -188,7 +203,15 @@ class App:
 
     def _open_http(self) -> None:
         self._http = BackendClient.open_session(self.settings)
-        self._client = BackendClient(self.settings, self._http)
+        self._client = BackendClient(self.settings, self._http, gate=self._gate)
+
+    @staticmethod
+    def _make_gate(settings: Settings) -> BackendGate:
+        return BackendGate(
+            threshold=settings.max_consecutive_failures,
+            reset_seconds=settings.circuit_reset_seconds,
+            max_per_second=settings.max_requests_per_second,
+        )
 
     async def _wait_for_database(self, database: Database) -> None:
         """READY=1 waits for this: retry with backoff, then give up so systemd restarts us."""
@@ -236,9 +259,11 @@ class App:
         try:
             while not self._stop.is_set() and self._fatal is None:
                 self._scheduler.poll()
+                await self._poll_control()
                 if self._cycle_wanted is not None and self._cycle_task is None:
                     reason, self._cycle_wanted = self._cycle_wanted, None
-                    self._launch_cycle(reason)
+                    if self._may_start(reason):
+                        self._launch_cycle(reason)
                 self._notifier.status(self.status_line())
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -261,6 +286,70 @@ class App:
     def _on_tick(self) -> None:
         self.request_cycle("schedule")
 
+    def _may_start(self, reason: str) -> bool:
+        """Paused instances and an open circuit start no cycle (and say so)."""
+        if self._paused:
+            self._log.info("cycle_skipped", reason=reason, detail="paused by an operator")
+            return False
+        wait = self._gate.breaker.reopens_in(time.monotonic())
+        if wait > 0:
+            self._log.info(
+                "cycle_skipped", reason=reason, detail="circuit open", probe_in_s=round(wait, 1)
+            )
+            self._schedule_probe(wait)
+            return False
+        return True
+
+    def _schedule_probe(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay + 0.05, self.request_cycle, "circuit_probe")
+
+    async def _poll_control(self) -> None:
+        """Every few seconds: publish this instance's state, read pause and force."""
+        now = time.monotonic()
+        if now < self._control_due:
+            return
+        self._control_due = now + CONTROL_POLL_SECONDS
+        assert self._store is not None
+        try:
+            switches = await self._db_runner(
+                control.report_instance,
+                self._store.db,
+                instance=self.instance,
+                started_at=self._started_at,
+                now=self._clock.now(),
+                state="paused" if self._paused else self._state,
+                circuit=self._gate.state.value,
+                status=self.status_line(),
+            )
+        except StoreError as exc:
+            self._log.warning("control_unavailable", error=str(exc))
+            return
+        self._apply_control(switches)
+
+    def _apply_control(self, switches: control.Control) -> None:
+        if switches.paused != self._paused:
+            self._paused = switches.paused
+            self._log.warning(
+                "sync_paused" if switches.paused else "sync_resumed", by=switches.updated_by
+            )
+        forced = switches.force_requested_at
+        if forced is not None and (self._seen_force is None or forced > self._seen_force):
+            first_look = self._seen_force is None and not self._control_seen
+            self._seen_force = forced
+            if not first_look:
+                self._force(f"force by {switches.updated_by or 'an operator'}")
+        self._control_seen = True
+
+    def _force(self, reason: str) -> None:
+        """A forced cycle, debounced so that a burst of requests starts one cycle."""
+        now = time.monotonic()
+        if now - self._last_forced < FORCE_COOLDOWN_SECONDS:
+            self._log.info("force_debounced", reason=reason)
+            return
+        self._last_forced = now
+        self.request_cycle(reason)
+
     def _launch_cycle(self, reason: str) -> None:
         task = asyncio.create_task(self._start_cycle(reason), name="cycle")
         self._cycle_task = task
@@ -270,6 +359,7 @@ class App:
         assert self._store is not None and self._client is not None
         self._state = "syncing"
         self.metrics.in_cycle.set(1)
+        jittered = reason in ("startup", "schedule")
         self._cycle = Cycle(
             self.settings,
             self._store,
@@ -277,7 +367,11 @@ class App:
             self._db_runner,
             stop=self._stop,
             clock=self._clock,
+            carry=self._carry,
+            start_delay=self._rng.uniform(0, self.settings.jitter_seconds) if jittered else 0.0,
+            paused=lambda: self._paused,
         )
+        self._carry = ()
         self._log.info("cycle_requested", reason=reason, run_id=self._cycle.run_id)
         try:
             report = await self._cycle.run()
@@ -285,8 +379,11 @@ class App:
             self.metrics.in_cycle.set(0)
             self._state = "stopping" if self._stop.is_set() else "idle"
         self._last_report = report
+        self._carry = report.unrecorded
         self.metrics.record(report, time.time())
         self._track_database(report)
+        if report.circuit_open and not self._stop.is_set():
+            self._schedule_probe(self._gate.breaker.reopens_in(time.monotonic()))
         return report
 
     def _cycle_ended(self, task: asyncio.Task[Report]) -> None:
@@ -310,10 +407,10 @@ class App:
         now = time.monotonic()
         if self._db_down_since is None:
             self._db_down_since = now
-        elif now - self._db_down_since > DATABASE_OUTAGE_LIMIT_SECONDS:
+        elif now - self._db_down_since > self.settings.database_outage_seconds:
             self._log.error(
                 "database_outage_limit",
-                limit_s=DATABASE_OUTAGE_LIMIT_SECONDS,
+                limit_s=self.settings.database_outage_seconds,
                 detail="exiting so that systemd restarts the daemon",
             )
             self._fatal = EX_TEMPFAIL
@@ -348,7 +445,7 @@ class App:
             signal.SIGTERM: lambda: self.stop("SIGTERM"),
             signal.SIGINT: self._on_sigint,
             signal.SIGHUP: self._on_sighup,
-            signal.SIGUSR1: lambda: self.request_cycle("SIGUSR1"),
+            signal.SIGUSR1: lambda: self._force("SIGUSR1"),
         }
         for number, handler in handlers.items():
             loop.add_signal_handler(number, handler)

@@ -42,6 +42,7 @@ class CallOutcome:
     error: str | None = None
     counts: Mapping[str, Any] | None = None
     auth_problem: bool = False
+    circuit_open: bool = False
 
 
 @dataclass(slots=True)
@@ -57,14 +58,24 @@ class _Attempt:
     progress_url: str | None = None
 
 
+class GateClosed(Exception):
+    """The gate refuses to let a call out (the circuit breaker is open)."""
+
+
 class Gate:
     """What every call passes before it is sent. The base gate lets everything through;
-    the circuit breaker and rate limiter of the resilience layer specialise it."""
+    `daemon.resilience.BackendGate` adds the circuit breaker, slow-down and rate limit."""
 
     async def wait(self) -> None:
+        """Return when a call may be sent; raise GateClosed when none may."""
         return None
 
-    def record(self, attempt_ok: bool, retry_after: float | None) -> None:
+    def record(self, healthy: bool, retry_after: float | None) -> None:
+        """Account one attempt: `healthy` is False for transport errors and 5xx."""
+        return None
+
+    def abandon(self) -> None:
+        """An attempt that passed `wait` ended without an answer (cancelled)."""
         return None
 
 
@@ -118,17 +129,32 @@ class BackendClient:
         body = json.dumps({**self._payload, "user_id": claim.user_id, "email": claim.email})
         headers = self._headers | {"Idempotency-Key": f"{run_id}-{claim.key}"}
         attempts = 0
+        result = _Attempt(Outcome.FAILED, None)
         while True:
+            try:
+                with watch.bounded(RETRY_AFTER_CAP_SECONDS, "backend gate"):
+                    await self._gate.wait()
+            except GateClosed as exc:
+                if attempts == 0:
+                    return CallOutcome(Outcome.RELEASED, None, 0, str(exc), circuit_open=True)
+                return CallOutcome(
+                    Outcome.FAILED, result.status, attempts, result.error, circuit_open=True
+                )
             attempts += 1
-            with watch.bounded(RETRY_AFTER_CAP_SECONDS, "backend gate"):
-                await self._gate.wait()
-            with watch.bounded(self._settings.request_timeout_seconds, "backend call"):
-                result = await self._post(body, headers)
-            self._gate.record(not result.retryable, result.retry_after)
+            answered = False
+            try:
+                with watch.bounded(self._settings.request_timeout_seconds, "backend call"):
+                    result = await self._post(body, headers)
+                answered = True
+            finally:
+                if not answered:
+                    self._gate.abandon()
+            healthy = result.status is not None and result.status < 500
+            self._gate.record(healthy, result.retry_after)
             if result.progress_url is not None:
-                budget = self._poll_budget() + self._settings.request_timeout_seconds
-                with watch.bounded(budget, "backend progress polling"):
-                    result = await self._poll(result.progress_url, headers)
+                bound = self._settings.poll_max_seconds + self._settings.request_timeout_seconds
+                with watch.bounded(bound, "backend progress polling"):
+                    result = await self._poll(result.progress_url, headers, result.body)
             if not result.retryable or attempts > self._settings.max_retries:
                 return self._finish(result, attempts)
             delay = backoff.full_jitter(
@@ -236,9 +262,15 @@ class BackendClient:
             if size > cap:
                 return b"", True
 
-    async def _poll(self, url: str, headers: Mapping[str, str]) -> _Attempt:
-        """Follow a 202 until the backend's background sync is no longer in progress."""
-        deadline = self._clock() + self._poll_budget()
+    async def _poll(self, url: str, headers: Mapping[str, str], accepted: Any) -> _Attempt:
+        """Follow a 202 until the backend's background sync is no longer in progress.
+
+        The deadline adapts to the work announced: base + per item, clamped between a
+        minimum and a maximum, so a large sync is not cut short and a stuck one does
+        not hold its user forever. The lease heartbeat keeps the claim alive meanwhile.
+        """
+        started = self._clock()
+        deadline = started + self.poll_budget(_total(accepted))
         interval = POLL_INTERVAL_START_SECONDS
         poll_headers = {k: v for k, v in headers.items() if k != "Content-Type"}
         failures = 0
@@ -265,6 +297,7 @@ class BackendClient:
                     return _Attempt(Outcome.FAILED, status, "progress polling: bad answer")
                 continue
             if body.get("in_progress"):
+                deadline = started + self.poll_budget(_total(body))
                 continue
             last = body.get("last_result")
             if isinstance(last, dict) and last.get("success") is True:
@@ -274,9 +307,22 @@ class BackendClient:
                 Outcome.FAILED, 200, f"background sync failed: {message or 'no result'}"
             )
 
-    def _poll_budget(self) -> float:
+    def poll_budget(self, items: int | None) -> float:
         """How long one user's background sync may take before we give up on it."""
-        return max(self._settings.request_timeout_seconds * 4, 60.0)
+        s = self._settings
+        budget = s.poll_base_seconds + (items or 0) * s.poll_per_item_seconds
+        return min(s.poll_max_seconds, max(s.poll_min_seconds, budget))
+
+
+def _total(body: Any) -> int | None:
+    """The size of the announced work, if the backend said (`total` or `expected_items`)."""
+    if not isinstance(body, dict):
+        return None
+    for key in ("total", "expected_items"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
 
 
 def _json_or_none(raw: bytes) -> Any:

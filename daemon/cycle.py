@@ -58,6 +58,10 @@ class Report:
     failed: int
     skipped: int
     duration_s: float
+    error: str | None = None
+    circuit_open: bool = False
+    # Results the database did not take in time; the next cycle records them first.
+    unrecorded: tuple[Result, ...] = ()
 
 
 class Clock:
@@ -84,6 +88,9 @@ class Cycle:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         progress: Progress | None = None,
+        carry: tuple[Result, ...] = (),
+        start_delay: float = 0.0,
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.run_id = new_run_id()
@@ -95,7 +102,12 @@ class Cycle:
         self._clock = clock or Clock()
         self._rng = rng or random.Random()
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.claim_batch_size)
-        self._pending: list[Result] = []
+        self._pending: list[Result] = list(carry)
+        self._start_delay = start_delay
+        self._paused = paused
+        self._halt: str | None = None
+        self._circuit_open = False
+        self._auth_logged = False
         self._flush_now = asyncio.Event()
         self._flush_size = max(1, min(settings.claim_batch_size, 4 * settings.concurrency))
         self._log = get_logger(run_id=self.run_id)
@@ -105,6 +117,13 @@ class Cycle:
         self._recorder: asyncio.Task[None] | None = None
 
     async def run(self) -> Report:
+        if self._start_delay > 0:
+            # Jitter: instances restarted together must not all claim at the same instant.
+            with (
+                self.progress.bounded(self._start_delay, "start jitter"),
+                contextlib.suppress(TimeoutError),
+            ):
+                await asyncio.wait_for(self._stop.wait(), self._start_delay)
         started = self._clock.now()
         start_mono = self._clock.monotonic()
         stale_before = started - timedelta(seconds=self.settings.stale_after_seconds)
@@ -170,7 +189,10 @@ class Cycle:
         """Lease pages until none is left; then tell every caller there is no more."""
         cursor = Cursor()
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self._halt is None:
+                if self._paused():
+                    self._log.warning("cycle_paused", detail="claiming stopped by an operator")
+                    break
                 claims = await self._bounded_db(
                     "claim",
                     self._store.claim,
@@ -197,7 +219,10 @@ class Cycle:
             claim = await self._queue.get()
             if claim is _DONE or self._stop.is_set():
                 return
-            await self._call(claim)
+            if self._halt is None:
+                await self._call(claim)
+            # else: keep draining the queue so the claimer never blocks; the lease of a
+            # claim skipped here is given back by release_all at the end of the cycle.
 
     async def _call(self, claim: Claim) -> None:
         begin = self._clock.monotonic()
@@ -211,9 +236,17 @@ class Cycle:
             )
             raise
         duration_ms = round((self._clock.monotonic() - begin) * 1000)
+        kind = outcome.outcome
+        if outcome.circuit_open:
+            self._circuit_open = True
+            self._halt_cycle("circuit open: the backend is failing")
+        if outcome.auth_problem:
+            # Credentials are not this user's fault: record no failure against them.
+            kind = Outcome.RELEASED
+            self._halt_cycle("the backend rejected our credentials")
         result = Result(
             claim,
-            outcome.outcome,
+            kind,
             self._clock.now(),
             http_status=outcome.status,
             attempts=outcome.attempts,
@@ -225,6 +258,12 @@ class Cycle:
         self._pending.append(result)
         if len(self._pending) >= self._flush_size:
             self._flush_now.set()
+
+    def _halt_cycle(self, reason: str) -> None:
+        """Stop calling for the rest of this cycle; in-flight calls still finish."""
+        if self._halt is None:
+            self._halt = reason
+            self._log.error("cycle_halted", reason=reason)
 
     def _count(self, result: Result) -> None:
         p = self.progress
@@ -248,7 +287,9 @@ class Cycle:
         elif result.outcome is Outcome.CONFLICT:
             self._log.info("user_sync_conflict", **fields)
         elif auth_problem:
-            self._log.error("backend_auth_rejected", **fields, error=result.error)
+            if not self._auth_logged:
+                self._auth_logged = True
+                self._log.error("backend_auth_rejected", **fields, error=result.error)
         else:
             self._log.warning("user_sync_failed", **fields, error=result.error)
 
@@ -282,6 +323,7 @@ class Cycle:
                 run_id=self.run_id,
                 now=self._clock.now(),
                 backoff=self._user_backoff,
+                quarantine_after=self.settings.quarantine_after,
             )
         except BaseException:
             self._pending[:0] = batch
@@ -289,6 +331,13 @@ class Cycle:
         if self.degraded:
             self.degraded = False
             self._log.info("database_recovered")
+        for gone in finished.quarantined:
+            self._log.warning(
+                "user_quarantined",
+                user_id=gone.claim.user_id,
+                consecutive_failures=self.settings.quarantine_after,
+                probe_every_s=self.settings.quarantine_probe_seconds,
+            )
         for lost in finished.lease_lost:
             self._log.warning(
                 "user_sync_lease_lost",
@@ -298,8 +347,12 @@ class Cycle:
             )
 
     def _user_backoff(self, failures: int) -> float:
+        """Seconds until a failing user is due again; quarantined users are only probed."""
+        s = self.settings
+        if failures >= s.quarantine_after:
+            return s.quarantine_probe_seconds * self._rng.uniform(0.9, 1.1)
         return backoff.user_backoff(
-            failures, self.settings.retry_delay_seconds * 12, USER_BACKOFF_CAP_SECONDS, self._rng
+            failures, s.retry_delay_seconds * 12, USER_BACKOFF_CAP_SECONDS, self._rng
         )
 
     def _degrade(self, exc: StoreError) -> None:
@@ -334,7 +387,8 @@ class Cycle:
         if self._pending:
             self._log.error("results_not_recorded", count=len(self._pending))
         try:
-            released = await self._bounded_db("release_all", self._store.release_all)
+            keep = [r.claim.token for r in self._pending]
+            released = await self._bounded_db("release_all", self._store.release_all, keep=keep)
             if released:
                 self._log.info("leases_released", count=released)
         except StoreError as exc:
@@ -342,8 +396,11 @@ class Cycle:
 
     async def _report(self, start_mono: float, error: str | None) -> Report:
         p = self.progress
-        if error is not None:
+        error = error or self._halt
+        if error is not None and self._halt is None:
             outcome = "crashed"
+        elif self._halt is not None:
+            outcome = "failed"
         elif self._stop.is_set() and p.done < p.claimed:
             outcome = "interrupted"
         elif p.failed or self._pending:
@@ -358,6 +415,9 @@ class Cycle:
             failed=p.failed,
             skipped=p.skipped,
             duration_s=round(self._clock.monotonic() - start_mono, 3),
+            error=error,
+            circuit_open=self._circuit_open,
+            unrecorded=tuple(self._pending),
         )
         try:
             await self._bounded_db(

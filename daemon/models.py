@@ -93,3 +93,16 @@ control = Table(
     Column("force_requested_at", DateTime(timezone=True), nullable=True),
     Column("updated_by", String(128), nullable=True),
 )
+
+instances = Table(
+    "sync_instances",
+    metadata,
+    # One row per running daemon, refreshed every few seconds; `status` reads them.
+    Column("instance", String(128), primary_key=True),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("circuit", String(16), nullable=False),
+    Column("status", String(255), nullable=True),
+    Column("version", String(32), nullable=True),
+)

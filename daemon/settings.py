@@ -86,6 +86,14 @@ class Settings:
     dry_run: bool = False
     claim_batch_size: int = 256
     response_max_bytes: int = 1024 * 1024
+    jitter_seconds: float = 10.0
+    quarantine_probe_seconds: float = 86400.0
+    poll_base_seconds: float = 60.0
+    poll_per_item_seconds: float = 1.0
+    poll_min_seconds: float = 30.0
+    poll_max_seconds: float = 1800.0
+    database_outage_seconds: float = 600.0
+    history_days: float = 14.0
 
     def redacted(self) -> dict[str, Any]:
         """The settings as check-config prints them: the token itself never appears."""
@@ -132,7 +140,9 @@ def load(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> S
         user_id_column=reader.get("SYNC_USER_ID_COLUMN", _identifier, "id"),
         user_email_column=reader.get("SYNC_USER_EMAIL_COLUMN", _identifier, "email"),
         last_sync_column=reader.get("SYNC_LAST_SYNC_COLUMN", _identifier, "last_sync"),
-        status_address=reader.get("SYNC_STATUS_ADDRESS", _address, _DEFAULT_STATUS_ADDRESS),
+        status_address=reader.get(
+            "SYNC_STATUS_ADDRESS", _address, _DEFAULT_STATUS_ADDRESS, empty="off"
+        ),
         log_level=reader.get("SYNC_LOG_LEVEL", _choice(_LOG_LEVELS, upper=True), "INFO"),
         log_format=reader.get("SYNC_LOG_FORMAT", _choice(_LOG_FORMATS), "auto"),
         dry_run=reader.get("SYNC_DRY_RUN", _boolean, False),
@@ -140,6 +150,18 @@ def load(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> S
         response_max_bytes=reader.get(
             "SYNC_RESPONSE_MAX_BYTES", _integer(1024, 64 * 1024 * 1024), 1024 * 1024
         ),
+        jitter_seconds=reader.get("SYNC_JITTER_SECONDS", _number(0, 3600), 10.0),
+        quarantine_probe_seconds=reader.get(
+            "SYNC_QUARANTINE_PROBE_SECONDS", _number(1, 30 * 86400), 86400.0
+        ),
+        poll_base_seconds=reader.get("SYNC_POLL_BASE_SECONDS", _number(0, 86400), 60.0),
+        poll_per_item_seconds=reader.get("SYNC_POLL_PER_ITEM_SECONDS", _number(0, 3600), 1.0),
+        poll_min_seconds=reader.get("SYNC_POLL_MIN_SECONDS", _number(0.1, 86400), 30.0),
+        poll_max_seconds=reader.get("SYNC_POLL_MAX_SECONDS", _number(0.1, 7 * 86400), 1800.0),
+        database_outage_seconds=reader.get(
+            "SYNC_DATABASE_OUTAGE_SECONDS", _number(1, 86400), 600.0
+        ),
+        history_days=reader.get("SYNC_HISTORY_DAYS", _number(0.001, 3650), 14.0),
     )
     _check_consistency(settings)
     return settings
@@ -153,6 +175,11 @@ def _check_consistency(settings: Settings) -> None:
             f"({settings.lease_seconds:g} <= {settings.request_timeout_seconds:g}), "
             "or a slow call would outlive its lease"
         )
+    if settings.poll_min_seconds > settings.poll_max_seconds:
+        raise ConfigError(
+            "SYNC_POLL_MIN_SECONDS: must not exceed SYNC_POLL_MAX_SECONDS "
+            f"({settings.poll_min_seconds:g} > {settings.poll_max_seconds:g})"
+        )
     if len({settings.user_id_column, settings.user_email_column, settings.last_sync_column}) < 3:
         raise ConfigError(
             "SYNC_LAST_SYNC_COLUMN: the id, email and last_sync columns must be different"
@@ -165,10 +192,15 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
 
-    def get(self, name: str, parse: Callable[[str], T], default: T) -> T:
+    def get(self, name: str, parse: Callable[[str], T], default: T, *, empty: str = "") -> T:
+        """`empty` is what a variable set to an empty string means (default: unset)."""
         raw = self._env.get(name)
-        if raw is None or raw.strip() == "":
+        if raw is None:
             return default
+        if raw.strip() == "":
+            if not empty:
+                return default
+            raw = empty
         try:
             return parse(raw.strip())
         except (ValueError, TypeError) as exc:

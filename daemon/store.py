@@ -42,6 +42,15 @@ from daemon.database import Database
 from daemon.models import operations, runs, user_state
 
 ERROR_TEXT_LIMIT = 500
+_OUTCOME_FIELDS = (
+    "finished_at",
+    "heartbeat_at",
+    "outcome",
+    "http_status",
+    "attempts",
+    "error",
+    "duration_ms",
+)
 
 
 class Outcome(enum.StrEnum):
@@ -94,9 +103,11 @@ class Cursor:
 
 @dataclass(slots=True)
 class Finished:
-    """The outcome of recording a batch: which results lost their lease on the way."""
+    """The outcome of recording a batch: which results lost their lease on the way, and
+    which users crossed into quarantine with it."""
 
     lease_lost: list[Result] = field(default_factory=list)
+    quarantined: list[Result] = field(default_factory=list)
 
 
 class Store:
@@ -328,6 +339,7 @@ class Store:
         run_id: str,
         now: datetime,
         backoff: Callable[[int], float],
+        quarantine_after: int = 0,
     ) -> Finished:
         """Record a batch of results; last_sync moves only for successes still leased."""
         if not results:
@@ -361,7 +373,14 @@ class Store:
                 )
             self._update_states(session, held, current, now=now, backoff=backoff)
             self._close_operations(session, results, lost, run_id)
-            return Finished(lease_lost=lost)
+            quarantined = [
+                r
+                for r in held
+                if quarantine_after
+                and r.outcome is Outcome.FAILED
+                and current[r.claim.key][1] + 1 == quarantine_after
+            ]
+            return Finished(lease_lost=lost, quarantined=quarantined)
 
         return self.db.transaction(unit, name="finish")
 
@@ -442,8 +461,14 @@ class Store:
     ) -> None:
         """One row per finished attempt; in-flight work is the lease row itself."""
         lost_tokens = {r.claim.token for r in lost}
+        record = self._insert(operations)
+        # `cleanup` may have recorded this claim as abandoned already: the real outcome wins.
+        record = record.on_conflict_do_update(
+            index_elements=[operations.c.id],
+            set_={name: record.excluded[name] for name in _OUTCOME_FIELDS},
+        )
         session.execute(
-            insert(operations),
+            record,
             [
                 {
                     "id": r.claim.token,
@@ -480,15 +505,21 @@ class Store:
 
         return self.db.transaction(unit, name="heartbeat")
 
-    def release_all(self) -> int:
-        """Give back every lease this instance still holds, so others can take them now."""
+    def release_all(self, *, keep: Iterable[str] = ()) -> int:
+        """Give back every lease this instance holds, so others can take them now.
+
+        `keep` names tokens whose results are not recorded yet: their leases stay, so
+        that the late write can still land if nobody else needed the user meanwhile.
+        """
+        kept = list(keep)
 
         def unit(session: Session) -> int:
             s = user_state.c
+            query = update(user_state).where(s.lease_owner == self.instance)
+            if kept:
+                query = query.where(s.lease_token.not_in(kept))
             released = session.execute(
-                update(user_state)
-                .where(s.lease_owner == self.instance)
-                .values(lease_owner=None, lease_token=None, lease_expires_at=None)
+                query.values(lease_owner=None, lease_token=None, lease_expires_at=None)
             ).rowcount  # type: ignore[attr-defined]
             return int(released or 0)
 

@@ -36,8 +36,10 @@ WAIT_SECONDS = 20.0
 POLL_SECONDS = 0.05
 # Variables that would change what the daemon does if the test runner's environment had them.
 _SCRUBBED_PREFIXES = ("SYNC_",)
-_SCRUBBED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "CREDENTIALS_DIRECTORY")
-_SCRUBBED += ("STATE_DIRECTORY", "LISTEN_FDS", "LISTEN_PID", "PYTHONWARNINGS")
+_SCRUBBED = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "CREDENTIALS_DIRECTORY"}
+    | {"STATE_DIRECTORY", "LISTEN_FDS", "LISTEN_PID", "PYTHONWARNINGS"}
+)
 
 
 def wait_until(
@@ -320,7 +322,9 @@ class Backend:
                     pytest.fail(f"the reference backend exited\n{self.proc.tail()}")
                 return None
 
-            self._port = wait_until(probe, what="the reference backend's port", describe=self.proc.tail)
+            self._port = wait_until(
+                probe, what="the reference backend's port", describe=self.proc.tail
+            )
         return self._port
 
     @property
@@ -431,7 +435,9 @@ def run_cli(
         check=False,
     )
     if check and done.returncode != 0:
-        pytest.fail(f"`daemon {' '.join(args)}` exited {done.returncode}\n{done.stdout}{done.stderr}")
+        pytest.fail(
+            f"`daemon {' '.join(args)}` exited {done.returncode}\n{done.stdout}{done.stderr}"
+        )
     return done
 
 
@@ -504,13 +510,13 @@ class Harness:
         return Backend(proc)
 
     def start_daemon(self, env: dict[str, str], *args: str) -> Proc:
-        proc = Proc(
-            "daemon", [sys.executable, "-m", "daemon", "run", *args], env=env, cwd=self.tmp
-        )
+        proc = Proc("daemon", [sys.executable, "-m", "daemon", "run", *args], env=env, cwd=self.tmp)
         self.procs.append(proc)
         return proc
 
-    def cli(self, *args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, env: dict[str, str], timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         return run_cli(list(args), env=env, cwd=self.tmp, timeout=timeout)
 
     def status_url(self, daemon: Proc) -> str:

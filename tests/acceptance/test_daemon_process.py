@@ -9,6 +9,7 @@ rows in the database and the backend's own counters.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -43,7 +44,7 @@ def _holds_file_open(pid: int, path: Path) -> bool:
 
 
 def _gaps(times: list[float]) -> list[float]:
-    return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
 # -- readiness and status ---------------------------------------------------------------------
@@ -106,9 +107,45 @@ def test_ready_is_sent_once_the_database_answers_and_status_describes_the_state(
         if (s := d.get("STATUS")) and s.startswith("idle")
     ]
     assert idle_after, harness.notify.dump()
-    next_in = int(re.fullmatch(r"idle, next cycle in (\d+) s", idle_after[-1]).group(1))
+    match = re.fullmatch(r"idle, next cycle in (\d+) s", idle_after[-1])
+    assert match is not None, idle_after
+    next_in = int(match.group(1))
     assert 3500 <= next_in <= 3600
     assert db.synced_ids() == set(range(1, 7))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon/app.py run_forever(): signal handlers are installed only after "
+    "_resources() (which waits up to 60 s for the database), so SIGUSR1/SIGHUP kill a "
+    "daemon that is starting",
+)
+@pytest.mark.parametrize("number", [signal.SIGUSR1, signal.SIGHUP], ids=["SIGUSR1", "SIGHUP"])
+def test_a_signal_while_waiting_for_the_database_does_not_kill_the_daemon(
+    harness: Harness, number: int
+) -> None:
+    db = harness.database(users=2)
+    backend = harness.start_backend()
+    env = harness.env(backend, SYNC_INTERVAL_SECONDS=3600)
+    blocker = sqlite3.connect(db.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        daemon = harness.start_daemon(env)
+        wait_until(
+            lambda: _holds_file_open(daemon.pid, db.path),
+            what="the daemon to open the database",
+            describe=daemon.tail,
+        )
+        time.sleep(0.1)
+        daemon.signal(number)
+        time.sleep(0.1)
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    if not daemon.alive:
+        daemon.wait_exit()
+    assert daemon.alive, f"killed by a signal during start-up: status {daemon.popen.returncode}"
+    _ready(harness, daemon)
 
 
 # -- the watchdog ------------------------------------------------------------------------------
@@ -141,7 +178,7 @@ def test_watchdog_is_fed_while_the_daemon_makes_progress(harness: Harness) -> No
     assert len(during) >= 2, f"too few pings during the cycle: {harness.notify.dump()}"
     gaps = _gaps(pings)
     assert 0.4 <= statistics.median(gaps) <= 0.65, gaps
-    assert max(gaps) < 0.9, gaps
+    assert max(gaps) < 1.0, gaps  # WatchdogSec=1s: a gap this long would be a restart
     assert min(gaps) > 0.3, gaps
 
 
@@ -294,9 +331,7 @@ def test_sigterm_past_the_grace_period_cuts_calls_and_releases_leases(harness: H
     assert db.synced_ids() == set()
     assert not daemon.events("user_synced")
     # The cut calls count as nothing: no failure recorded against those users.
-    assert db.query("SELECT COUNT(*) FROM sync_user_state WHERE consecutive_failures > 0") == [
-        (0,)
-    ]
+    assert db.query("SELECT COUNT(*) FROM sync_user_state WHERE consecutive_failures > 0") == [(0,)]
     wait_until(
         lambda: backend.stats()["in_flight"] == 0,
         what="the backend to see the calls go away",
@@ -372,7 +407,7 @@ def test_bad_setting_exits_78_with_one_line_naming_the_variable(
     harness: Harness, variable: str, value: str
 ) -> None:
     harness.database(users=1)
-    env = harness.env(**{variable: value})
+    env = harness.env(None, **{variable: value})
     daemon = harness.start_daemon(env)
     status = daemon.wait_exit()
 
@@ -423,6 +458,70 @@ def test_sighup_reloads_the_interval_from_the_env_file(harness: Harness) -> None
     daemon.wait_for_event("cycle_requested", reason="schedule", count=count + 1, timeout=6)
     assert daemon.alive
     assert len(daemon.events("config_reloaded")) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon/app.py reload() closes the old aiohttp session on a timer "
+    "(request timeout + 5 s) while the running cycle still uses it; the calls then fail "
+    "with RuntimeError('Session is closed'), which backend._post() does not catch, and "
+    "cycle._work() swallows the dead callers: users are silently abandoned",
+)
+def test_sighup_during_a_long_cycle_does_not_abandon_its_users(harness: Harness) -> None:
+    db = harness.database(users=40)
+    backend = harness.start_backend(latency_ms=200)
+    env = harness.env(
+        backend,
+        SYNC_INTERVAL_SECONDS=3600,
+        SYNC_CONCURRENCY=1,
+        SYNC_REQUEST_TIMEOUT_SECONDS=0.5,
+        SYNC_LEASE_SECONDS=10,
+    )
+    daemon = harness.start_daemon(env)
+    _ready(harness, daemon)
+    daemon.wait_for_event("user_synced")
+    daemon.signal(signal.SIGHUP)  # nothing changed: a plain `systemctl reload`
+    daemon.wait_for_event("config_reloaded")
+    finished = daemon.wait_for_event("cycle_finished", timeout=30)
+
+    assert not daemon.events("cycle_crashed")
+    assert finished["claimed"] == 40
+    assert (finished["outcome"], finished["succeeded"]) == ("succeeded", 40), finished
+    assert db.synced_ids() == set(range(1, 41))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon/app.py reload(): the old aiohttp session is closed only by a call_later "
+    "timer; a daemon stopped before it fires never closes it ('Unclosed client session')",
+)
+def test_sigterm_soon_after_sighup_closes_every_http_session(harness: Harness) -> None:
+    harness.database(users=2)
+    backend = harness.start_backend()
+    env = harness.env(backend, SYNC_INTERVAL_SECONDS=3600)
+    daemon = harness.start_daemon(env)
+    _ready(harness, daemon)
+    daemon.wait_for_event("cycle_finished")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_event("config_reloaded")
+    daemon.signal(signal.SIGTERM)
+
+    assert daemon.wait_exit() == 0
+    stderr = "\n".join(line.text for line in daemon.lines("stderr"))
+    assert "Unclosed" not in stderr, stderr
+    assert stderr == ""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon/settings.py: _Reader.get() treats an empty value as unset, so "
+    "SYNC_STATUS_ADDRESS= means 127.0.0.1:8787, though _address() says 'empty to disable'",
+)
+def test_an_empty_status_address_disables_the_status_server(harness: Harness) -> None:
+    harness.database(users=1)
+    shown = harness.cli("check-config", env=harness.env(SYNC_STATUS_ADDRESS=""))
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["status_address"] is None
 
 
 # -- secrets -----------------------------------------------------------------------------------

@@ -234,20 +234,25 @@ async def test_the_token_is_sent_and_absent_from_every_log_line(
     assert token not in json.dumps(logs, default=str)
 
 
-async def test_a_401_is_reported_as_a_configuration_problem(
+async def test_a_401_halts_the_cycle_as_a_configuration_problem_and_blames_no_user(
     app_db: AppDatabase,
     make_settings: SettingsFactory,
     token_backend: tuple[ReferenceBackend, Path],
 ) -> None:
     backend, _ = token_backend
-    app_db.seed(2)
+    app_db.seed(40)
     with capture_logs() as logs:
-        report = await run_cycle(app_db, make_settings, backend.url)
-    assert report.failed == 2
+        report = await run_cycle(app_db, make_settings, backend.url, SYNC_CONCURRENCY="2")
+    assert report.outcome == "failed"
+    assert report.error == "the backend rejected our credentials"
     rejected = [e for e in logs if e["event"] == "backend_auth_rejected"]
-    assert len(rejected) == 2
+    assert len(rejected) == 1
     assert "SYNC_BACKEND_TOKEN_FILE" in rejected[0]["error"]
-    assert (await backend.stats())["requests"] == 2  # never retried
+    assert (await backend.stats())["requests"] <= 2  # halted: the rest were never called
+    with app_db.db.engine.connect() as conn:
+        failures = conn.execute(select(user_state.c.consecutive_failures)).scalars().all()
+    assert set(failures) == {0}
+    assert held_leases(app_db) == 0
 
 
 async def test_stop_lets_in_flight_calls_finish_and_releases_the_rest(

@@ -13,7 +13,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from structlog.testing import capture_logs
 
-from daemon.database import Database, current_revision, has_daemon_tables, make_engine, migrate
+from daemon.database import (
+    Database,
+    current_revision,
+    has_daemon_tables,
+    head_revision,
+    make_engine,
+    migrate,
+)
 from daemon.errors import StoreError
 from daemon.models import runs
 from tests.conftest import AppDatabase
@@ -35,9 +42,9 @@ def test_migrate_is_idempotent_and_leaves_the_users_table_alone(tmp_path: Path) 
         conn.exec_driver_sql("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
         conn.exec_driver_sql("INSERT INTO users (email) VALUES ('a@example.com')")
     assert not has_daemon_tables(engine)
-    assert migrate(engine) == "0001"
-    assert migrate(engine) == "0001"
-    assert current_revision(engine) == "0001"
+    assert migrate(engine) == head_revision() == "0002"
+    assert migrate(engine) == "0002"
+    assert current_revision(engine) == "0002"
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT email FROM users").scalars().all() == ["a@example.com"]
     engine.dispose()

@@ -81,6 +81,7 @@ def test_a_lease_shorter_than_a_request_is_refused() -> None:
 
 
 def test_empty_status_address_disables_the_status_server() -> None:
+    assert load({"SYNC_STATUS_ADDRESS": ""}).status_address is None
     assert load({"SYNC_STATUS_ADDRESS": "off"}).status_address is None
     assert load({"SYNC_STATUS_ADDRESS": "[::1]:9000"}).status_address == ("::1", 9000)
 
