@@ -30,7 +30,7 @@ from daemon import control, envfile, logs, statusweb
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
 from daemon.cycle import Clock, Cycle, DbRunner, Report, dry_run
-from daemon.database import Database, current_revision, make_engine
+from daemon.database import SCHEMA_REVISION, Database, current_revision, make_engine
 from daemon.errors import ConfigError, StoreError
 from daemon.metrics import Metrics
 from daemon.resilience import BackendGate
@@ -53,6 +53,7 @@ CONTROL_POLL_SECONDS = 2.0
 FORCE_COOLDOWN_SECONDS = 10.0
 # Runs and instances silent for this long are cleaned up as abandoned.
 ABANDONED_AFTER = timedelta(minutes=10)
+PRUNE_EVERY_SECONDS = 3600.0
 # Settings that name the database or sockets the process already holds.
 RESTART_ONLY = (
     "database_url",
@@ -109,6 +110,7 @@ class App:
         self._last_forced = -FORCE_COOLDOWN_SECONDS
         self._control_due = 0.0
         self._control_seen = False
+        self._prune_due = 0.0
         self._reload_task: asyncio.Task[None] | None = None
         self._state = "starting"
 
@@ -240,6 +242,11 @@ class App:
             raise ConfigError(
                 "SYNC_DATABASE_URL: the daemon's tables are missing; run `background-sync migrate`"
             )
+        if revision != SCHEMA_REVISION:
+            raise ConfigError(
+                f"SYNC_DATABASE_URL: the daemon's tables are at revision {revision}, this "
+                f"version needs {SCHEMA_REVISION}; run `background-sync migrate`"
+            )
 
     # -- the main loop ---------------------------------------------------------------
 
@@ -359,6 +366,7 @@ class App:
         assert self._store is not None and self._client is not None
         self._state = "syncing"
         self.metrics.in_cycle.set(1)
+        await self._housekeeping()
         jittered = reason in ("startup", "schedule")
         self._cycle = Cycle(
             self.settings,
@@ -385,6 +393,30 @@ class App:
         if report.circuit_open and not self._stop.is_set():
             self._schedule_probe(self._gate.breaker.reopens_in(time.monotonic()))
         return report
+
+    async def _housekeeping(self) -> None:
+        """Before a cycle: record what crashed instances left, prune old history."""
+        assert self._store is not None
+        now = self._clock.now()
+        try:
+            cleaned = await self._db_runner(
+                control.cleanup, self._store.db, now=now, stale_after=ABANDONED_AFTER
+            )
+            if cleaned.leases or cleaned.runs or cleaned.instances:
+                self._log.warning(
+                    "abandoned_work_cleaned",
+                    leases=cleaned.leases,
+                    runs=cleaned.runs,
+                    instances=cleaned.instances,
+                )
+            if time.monotonic() >= self._prune_due:
+                self._prune_due = time.monotonic() + PRUNE_EVERY_SECONDS
+                keep = timedelta(days=self.settings.history_days)
+                pruned = await self._db_runner(self._store.prune_history, before=now - keep)
+                if pruned:
+                    self._log.info("history_pruned", operations=pruned)
+        except StoreError as exc:
+            self._log.warning("housekeeping_failed", error=str(exc))
 
     def _cycle_ended(self, task: asyncio.Task[Report]) -> None:
         self._cycle_task = None

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from daemon import __version__, envfile, logs
 from daemon import settings as settings_module
@@ -85,15 +86,11 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from daemon import overview
     from daemon.app import instance_name
-    from daemon.database import Database, has_daemon_tables, make_engine, utcnow
+    from daemon.database import utcnow
     from daemon.store import Store
 
-    db = Database(make_engine(settings.database_url), attempts=2)
+    db = _with_database(settings)
     try:
-        if not has_daemon_tables(db.engine):
-            raise ConfigError(
-                "SYNC_DATABASE_URL: the daemon's tables are missing; run `background-sync migrate`"
-            )
         store = Store(
             db,
             db.reflect_users(settings),
@@ -107,6 +104,85 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         db.dispose()
     print(json.dumps(data, indent=2, default=str) if args.json else overview.render(data))
+    return EX_OK
+
+
+def _operator() -> str:
+    """Who changed a switch, as `status` shows it."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def _with_database(settings: Settings) -> Any:
+    from daemon.database import Database, has_daemon_tables, make_engine
+
+    db = Database(make_engine(settings.database_url), attempts=3)
+    if not has_daemon_tables(db.engine):
+        db.dispose()
+        raise ConfigError(
+            "SYNC_DATABASE_URL: the daemon's tables are missing; run `background-sync migrate`"
+        )
+    return db
+
+
+def _pause(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_paused(settings, True)
+
+
+def _resume(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_paused(settings, False)
+
+
+def _set_paused(settings: Settings, paused: bool) -> int:
+    from daemon import control
+    from daemon.database import utcnow
+
+    db = _with_database(settings)
+    try:
+        control.set_paused(db, paused, by=_operator(), now=utcnow())
+    finally:
+        db.dispose()
+    if paused:
+        print("paused: every instance finishes its in-flight calls and claims nothing more")
+    else:
+        print("resumed: instances start claiming again at their next cycle")
+    return EX_OK
+
+
+def _force(settings: Settings, args: argparse.Namespace) -> int:
+    from daemon import control
+    from daemon.database import utcnow
+
+    db = _with_database(settings)
+    try:
+        control.request_force(db, by=_operator(), now=utcnow())
+    finally:
+        db.dispose()
+    print("cycle requested: every running instance starts one within a few seconds")
+    return EX_OK
+
+
+def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from daemon import control
+    from daemon.database import utcnow
+
+    db = _with_database(settings)
+    try:
+        cleaned = control.cleanup(db, now=utcnow(), stale_after=timedelta(seconds=args.stale_after))
+    finally:
+        db.dispose()
+    print(
+        f"freed {cleaned.leases} expired lease(s), closed {cleaned.runs} abandoned run(s), "
+        f"forgot {cleaned.instances} silent instance(s)"
+    )
     return EX_OK
 
 
@@ -130,6 +206,10 @@ _COMMANDS = {
     "check-config": _check_config,
     "status": _status,
     "seed-demo": _seed_demo,
+    "pause": _pause,
+    "resume": _resume,
+    "force": _force,
+    "cleanup": _cleanup,
 }
 
 
@@ -153,6 +233,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", parents=[env], help="print the effective configuration")
     status = sub.add_parser("status", parents=[env], help="recent runs, due and failing users")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("pause", parents=[env], help="stop claiming users, on every instance")
+    sub.add_parser("resume", parents=[env], help="undo pause")
+    sub.add_parser("force", parents=[env], help="start a cycle now, on every instance")
+    cleanup = sub.add_parser(
+        "cleanup", parents=[env], help="record and free work that crashed instances left"
+    )
+    cleanup.add_argument(
+        "--stale-after",
+        type=float,
+        default=600.0,
+        help="seconds without heartbeat after which a run or instance counts as gone",
+    )
     seed = sub.add_parser("seed-demo", parents=[env], help="create and fill a demo users table")
     seed.add_argument("--users", type=int, default=25, help="how many users the table should hold")
     backend = sub.add_parser(

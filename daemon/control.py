@@ -29,10 +29,10 @@ class Control:
 
 
 def read(db: Database) -> Control:
-    return db.transaction(_read, name="read_control")
+    return db.transaction(read_in, name="read_control")
 
 
-def _read(session: Session) -> Control:
+def read_in(session: Session) -> Control:
     row = session.execute(select(control).where(control.c.id == 1)).first()
     if row is None:
         return Control()
@@ -101,7 +101,7 @@ def report_instance(
                     instance=instance, started_at=started_at, version=__version__, **values
                 )
             )
-        return _read(session)
+        return read_in(session)
 
     return db.transaction(unit, name="report_instance")
 

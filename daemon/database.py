@@ -29,6 +29,8 @@ T = TypeVar("T")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Its own name, so it never collides with an application that uses Alembic itself.
 VERSION_TABLE = "background_sync_alembic_version"
+# The schema revision this code needs (a test keeps it equal to Alembic's head).
+SCHEMA_REVISION = "0002"
 
 
 def make_engine(url: str, *, sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:

@@ -12,8 +12,9 @@ from typing import Any
 from sqlalchemy import desc, func, select
 from sqlalchemy.orm import Session
 
+from daemon import control
 from daemon.database import Database, aware
-from daemon.models import runs, user_state
+from daemon.models import instances, runs, user_state
 from daemon.settings import Settings
 from daemon.store import Store
 
@@ -25,7 +26,17 @@ def collect(db: Database, store: Store, settings: Settings, *, now: datetime) ->
     stale_before = now - timedelta(seconds=settings.stale_after_seconds)
 
     def unit(session: Session) -> dict[str, Any]:
+        switches = control.read_in(session)
         return {
+            "paused": switches.paused,
+            "paused_by": switches.updated_by if switches.paused else None,
+            "paused_at": _iso(switches.paused_at),
+            "instances": _instances(session),
+            "quarantined_users": session.execute(
+                select(func.count()).where(
+                    user_state.c.consecutive_failures >= settings.quarantine_after
+                )
+            ).scalar_one(),
             "recent_runs": _recent_runs(session),
             "leases": _leases(session, now),
             "failing_users": _failing_users(session),
@@ -40,6 +51,22 @@ def collect(db: Database, store: Store, settings: Settings, *, now: datetime) ->
     result["due_users"] = store.count_due(now=now, stale_before=stale_before)
     result["generated_at"] = now.isoformat()
     return result
+
+
+def _instances(session: Session) -> list[dict[str, Any]]:
+    rows = session.execute(select(instances).order_by(instances.c.started_at))
+    return [
+        {
+            "instance": r.instance,
+            "state": r.state,
+            "circuit": r.circuit,
+            "status": r.status,
+            "started_at": _iso(r.started_at),
+            "heartbeat_at": _iso(r.heartbeat_at),
+            "version": r.version,
+        }
+        for r in rows
+    ]
 
 
 def _recent_runs(session: Session) -> list[dict[str, Any]]:
@@ -101,7 +128,19 @@ def _iso(value: datetime | None) -> str | None:
 
 def render(data: dict[str, Any]) -> str:
     """The human form of `status`."""
-    lines = [f"due users: {data['due_users']}"]
+    lines = []
+    if data["paused"]:
+        lines.append(f"PAUSED by {data['paused_by']} since {data['paused_at']}")
+    lines.append(f"due users: {data['due_users']}")
+    lines.append(f"quarantined users: {data['quarantined_users']}")
+    lines.append("instances:")
+    if not data["instances"]:
+        lines.append("  (none running)")
+    for inst in data["instances"]:
+        lines.append(
+            f"  {inst['instance']}: {inst['state']}, circuit {inst['circuit']}, "
+            f"last seen {inst['heartbeat_at']}: {inst['status']}"
+        )
     lines.append(f"users in flight: {data['users_in_flight']}")
     if data["leases"]:
         lines.append("leases held:")

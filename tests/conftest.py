@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -10,7 +12,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, create_engine, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from daemon import demo
 from daemon import settings as settings_module
@@ -22,17 +26,66 @@ from daemon.store import Store
 SettingsFactory = Callable[..., Settings]
 
 
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SYNC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A database of this test run's own on the machine's PostgreSQL, dropped afterwards.
+
+    Unreachable PostgreSQL is an error, never a skip: these tests are part of the suite.
+    """
+    name = f"bsync_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is required: {exc}", pytrace=False)
+    try:
+        yield str(make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(False))
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
 @pytest.fixture
-def make_settings(tmp_path: Path) -> SettingsFactory:
+def postgres_url(postgres_database: str) -> Iterator[str]:
+    """A fresh schema per test, first on the search path of every connection."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(postgres_database, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    yield f"{postgres_database}?options=-csearch_path%3D{schema}"
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs twice: on a SQLite file and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sync.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def make_settings(database_url: str) -> SettingsFactory:
     """Settings from a SYNC_* mapping, with test-friendly defaults."""
 
     def make(**env: str) -> Settings:
         base = {
-            "SYNC_DATABASE_URL": f"sqlite:///{tmp_path / 'sync.db'}",
+            "SYNC_DATABASE_URL": database_url,
             "SYNC_STATUS_ADDRESS": "",
             "SYNC_RETRY_DELAY_SECONDS": "0.01",
             "SYNC_REQUEST_TIMEOUT_SECONDS": "5",
             "SYNC_LOG_FORMAT": "json",
+            "SYNC_JITTER_SECONDS": "0",
         }
         return settings_module.load(base | env)
 

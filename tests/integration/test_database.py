@@ -26,6 +26,12 @@ from daemon.models import runs
 from tests.conftest import AppDatabase
 
 
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """Most tests here are about SQLite itself; PostgreSQL has its own below."""
+    return f"sqlite:///{tmp_path / 'sync.db'}"
+
+
 def sqlite_path(app_db: AppDatabase) -> str:
     return app_db.settings.database_url.removeprefix("sqlite:///")
 
@@ -101,4 +107,65 @@ def test_retries_run_out_into_a_store_error_and_the_next_unit_still_works(
         locker.rollback()
         locker.close()
     assert db.transaction(lambda s: s.execute(text("SELECT 2")).scalar_one(), name="p") == 2
+    db.dispose()
+
+
+def test_the_code_expects_the_newest_migration() -> None:
+    from daemon.database import SCHEMA_REVISION
+
+    assert head_revision() == SCHEMA_REVISION
+
+
+def test_a_killed_postgresql_connection_is_replaced_and_the_unit_retried(
+    postgres_url: str,
+) -> None:
+    db = Database(make_engine(postgres_url), attempts=5, base_delay=0.05)
+    pid = db.transaction(
+        lambda s: s.execute(text("SELECT pg_backend_pid()")).scalar_one(), name="pid"
+    )
+    admin = make_engine(postgres_url)
+    with admin.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        conn.commit()
+    admin.dispose()
+    # the pooled connection is dead; pre-ping or the retry must replace it transparently
+    new_pid = db.transaction(
+        lambda s: s.execute(text("SELECT pg_backend_pid()")).scalar_one(), name="pid"
+    )
+    assert new_pid != pid
+    db.dispose()
+
+
+def test_a_connection_killed_mid_transaction_rolls_back_and_retries(postgres_url: str) -> None:
+    engine = make_engine(postgres_url)
+    migrate(engine)
+    db = Database(engine, attempts=5, base_delay=0.05)
+    calls = []
+
+    def unit(session: Session) -> int:
+        calls.append(1)
+        session.execute(
+            runs.insert().values(
+                id=f"r{len(calls)}",
+                instance="i",
+                started_at=text("now()"),
+                heartbeat_at=text("now()"),
+                outcome="running",
+            )
+        )
+        if len(calls) == 1:
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            killer = make_engine(postgres_url)
+            with killer.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                conn.commit()
+            killer.dispose()
+            session.execute(text("SELECT 1"))  # fails: the backend is gone
+        return len(calls)
+
+    with capture_logs() as logs:
+        assert db.transaction(unit, name="write") == 2
+    assert any(e["event"] == "database_retry" for e in logs)
+    ids = db.transaction(lambda s: s.execute(select(runs.c.id)).scalars().all(), name="read")
+    assert ids == ["r2"]  # the first attempt's insert was rolled back with its connection
     db.dispose()
