@@ -12,9 +12,10 @@ import pytest
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
-from daemon.backend import BackendClient
-from daemon.cycle import Cycle, DbRunner, Report
+from daemon.backend import BackendClient, Gate
+from daemon.cycle import Clock, Cycle, DbRunner, Report
 from daemon.models import runs, user_state
+from daemon.resilience import BackendGate, State
 from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
 
 
@@ -36,19 +37,22 @@ async def run_cycle(
     *,
     stop: asyncio.Event | None = None,
     sleep: Any = None,
+    gate: Gate | None = None,
+    clock: Clock | None = None,
     **env: str,
 ) -> Report:
     settings = make_settings(SYNC_BACKEND_URL=url, **env)
     db = DbRunner()
     session = BackendClient.open_session(settings)
     try:
-        client = BackendClient(settings, session, sleep=sleep or RecordingSleep())
+        client = BackendClient(settings, session, sleep=sleep or RecordingSleep(), gate=gate)
         cycle = Cycle(
             settings,
             app_db.store(lease_seconds=settings.lease_seconds),
             client,
             db,
             stop=stop or asyncio.Event(),
+            clock=clock,
         )
         return await cycle.run()
     finally:
@@ -306,3 +310,86 @@ async def test_no_two_calls_for_one_user_ever_overlap(
         app_db, make_settings, backend.url, SYNC_CONCURRENCY=concurrency, SYNC_MAX_RETRIES="3"
     )
     assert (await backend.stats())["overlaps"] == 0
+
+
+class SteppedClock(Clock):
+    """Wall time that tests move forward by hand; monotonic time stays real."""
+
+    def __init__(self) -> None:
+        self.at = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.at
+
+
+def failures_of(app_db: AppDatabase) -> dict[str, int]:
+    with app_db.db.engine.connect() as conn:
+        rows = conn.execute(select(user_state.c.user_key, user_state.c.consecutive_failures))
+        return {key: count for key, count in rows}
+
+
+async def test_a_failing_backend_opens_the_circuit_then_a_probe_closes_it(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(100)
+    now = [0.0]
+    gate = BackendGate(threshold=5, reset_seconds=60, max_per_second=None, clock=lambda: now[0])
+    await backend.faults(error_rate=1.0)
+    with capture_logs() as logs:
+        first = await run_cycle(
+            app_db,
+            make_settings,
+            backend.url,
+            gate=gate,
+            SYNC_CONCURRENCY="1",
+            SYNC_MAX_RETRIES="0",
+            SYNC_RETRY_DELAY_SECONDS="5",
+        )
+    assert (first.outcome, first.circuit_open, first.failed) == ("failed", True, 5)
+    assert gate.state is State.OPEN
+    assert (await backend.stats())["requests"] == 5  # no calls once open
+    assert "circuit_opened" in [e["event"] for e in logs]
+    assert sum(failures_of(app_db).values()) == 5  # only the users really called
+
+    await backend.faults()  # the backend recovers
+    still_open = await run_cycle(app_db, make_settings, backend.url, gate=gate)
+    assert still_open.succeeded == 0 and still_open.circuit_open  # before the reset time
+
+    now[0] = 61.0
+    with capture_logs() as logs:
+        probe = await run_cycle(app_db, make_settings, backend.url, gate=gate)
+    events = [e["event"] for e in logs]
+    assert "circuit_half_open" in events and "circuit_closed" in events
+    assert gate.state is State.CLOSED
+    assert probe.succeeded == 95  # the 5 that failed are backing off
+    assert len(synced(app_db)) == 95
+
+
+async def test_a_user_failing_again_and_again_is_quarantined_then_probed_and_recovers(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(2)
+    clock = SteppedClock()
+    env = {
+        "SYNC_QUARANTINE_AFTER": "3",
+        "SYNC_QUARANTINE_PROBE_SECONDS": "86400",
+        "SYNC_MAX_RETRIES": "0",
+    }
+    await backend.faults(fail_users=["1"])
+    with capture_logs() as logs:
+        for _ in range(3):
+            await run_cycle(app_db, make_settings, backend.url, clock=clock, **env)
+            clock.at += timedelta(hours=2)
+    assert failures_of(app_db)["1"] == 3
+    assert [e["user_id"] for e in logs if e["event"] == "user_quarantined"] == [1]
+
+    calls_before = (await backend.stats())["per_user_calls"]["1"]
+    await run_cycle(app_db, make_settings, backend.url, clock=clock, **env)
+    assert (await backend.stats())["per_user_calls"]["1"] == calls_before  # only probed rarely
+
+    await backend.faults()  # whatever broke this user is fixed
+    clock.at += timedelta(hours=25)
+    report = await run_cycle(app_db, make_settings, backend.url, clock=clock, **env)
+    assert (report.succeeded, report.failed) == (2, 0)  # user 2 was stale again too
+    assert failures_of(app_db)["1"] == 0
+    assert 1 in synced(app_db)
