@@ -330,8 +330,11 @@ class App:
                 status=self.status_line(),
             )
         except StoreError as exc:
-            self._log.warning("control_unavailable", error=str(exc))
+            if self._db_down_since is None:
+                self._log.warning("control_unavailable", error=str(exc))
+            self._note_database(False)
             return
+        self._note_database(True)
         self._apply_control(switches)
 
     def _apply_control(self, switches: control.Control) -> None:
@@ -430,15 +433,29 @@ class App:
             self._fatal = EX_FAILED
 
     def _track_database(self, report: Report) -> None:
-        """A database that stays away past the limit ends the process (never a spin)."""
-        if report.outcome != "crashed" and not (self._cycle and self._cycle.degraded):
-            self._db_down_since = None
-            self.metrics.database_up.set(1)
-            return
-        self.metrics.database_up.set(0)
+        ok = report.outcome != "crashed" and not (self._cycle and self._cycle.degraded)
+        self._note_database(ok)
+        if not ok and self._fatal is None and not self._stop.is_set():
+            # Try again soon rather than a whole interval later; the outage bound ends this.
+            retry_in = min(self.settings.interval_seconds, DATABASE_RETRY_SECONDS)
+            asyncio.get_running_loop().call_later(retry_in, self.request_cycle, "database_retry")
+
+    def _note_database(self, ok: bool) -> None:
+        """One account of database health, from cycles and the control poll alike.
+
+        A database that stays away past SYNC_DATABASE_OUTAGE_SECONDS ends the process
+        with status 75, so systemd restarts it: degraded for a while, never a spin.
+        """
+        self.metrics.database_up.set(1 if ok else 0)
         now = time.monotonic()
+        if ok:
+            if self._db_down_since is not None:
+                self._log.info("database_available", down_s=round(now - self._db_down_since, 1))
+            self._db_down_since = None
+            return
         if self._db_down_since is None:
             self._db_down_since = now
+            self._log.error("database_degraded", detail="retrying with backoff")
         elif now - self._db_down_since > self.settings.database_outage_seconds:
             self._log.error(
                 "database_outage_limit",
@@ -446,10 +463,7 @@ class App:
                 detail="exiting so that systemd restarts the daemon",
             )
             self._fatal = EX_TEMPFAIL
-            return
-        # Try again soon rather than a whole interval later; the outage limit bounds this.
-        retry_in = min(self.settings.interval_seconds, DATABASE_RETRY_SECONDS)
-        asyncio.get_running_loop().call_later(retry_in, self.request_cycle, "database_retry")
+            self._wake.set()
 
     async def _watchdog_loop(self) -> None:
         """Feed systemd's watchdog from the loop that does the work, only while it works."""

@@ -127,17 +127,18 @@ class Cycle:
         started = self._clock.now()
         start_mono = self._clock.monotonic()
         stale_before = started - timedelta(seconds=self.settings.stale_after_seconds)
-        await self._bounded_db("start_run", self._store.start_run, self.run_id, now=started)
-        with contextlib.suppress(StoreError):
-            self.progress.total = await self._bounded_db(
-                "count_due", self._store.count_due, now=started, stale_before=stale_before
-            )
-        self._log.info("cycle_started", due=self.progress.total)
         error: str | None = None
         try:
+            await self._bounded_db("start_run", self._store.start_run, self.run_id, now=started)
+            with contextlib.suppress(StoreError):
+                self.progress.total = await self._bounded_db(
+                    "count_due", self._store.count_due, now=started, stale_before=stale_before
+                )
+            self._log.info("cycle_started", due=self.progress.total)
             await self._work(started, stale_before)
         except StoreError as exc:
             error = str(exc)
+            self._degrade(exc)
             self._log.error("cycle_database_error", error=error)
         finally:
             await asyncio.shield(self._wind_down())
