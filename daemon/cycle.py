@@ -114,6 +114,10 @@ class Cycle:
         self.degraded = False
         self._claim_error: StoreError | None = None
         self._recording = True
+        self._busy = 0
+        self._claiming_done = False
+        self._idle = asyncio.Event()
+        self._takeover_seconds = max(0.5, settings.lease_seconds / 2)
         self._recorder: asyncio.Task[None] | None = None
 
     async def run(self) -> Report:
@@ -135,7 +139,7 @@ class Cycle:
                     "count_due", self._store.count_due, now=started, stale_before=stale_before
                 )
             self._log.info("cycle_started", due=self.progress.total)
-            await self._work(started, stale_before)
+            await self._work(stale_before)
         except StoreError as exc:
             error = str(exc)
             self._degrade(exc)
@@ -144,12 +148,13 @@ class Cycle:
             await asyncio.shield(self._wind_down())
         return await self._report(start_mono, error)
 
-    async def _work(self, started: datetime, stale_before: datetime) -> None:
+    async def _work(self, stale_before: datetime) -> None:
         workers = [
             asyncio.create_task(self._call_loop(), name=f"caller-{i}")
             for i in range(self.settings.concurrency)
         ]
-        claimer = asyncio.create_task(self._claim_loop(started, stale_before), name="claimer")
+        claimer = asyncio.create_task(self._claim_loop(stale_before), name="claimer")
+        takeover = asyncio.create_task(self._takeover_loop(stale_before), name="takeover")
         recorder = asyncio.create_task(self._record_loop(), name="recorder")
         self._recorder = recorder
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="lease-heartbeat")
@@ -158,6 +163,8 @@ class Cycle:
         try:
             watched: list[asyncio.Future[Any]] = [all_done, stop_wait, recorder, heartbeat]
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if all_done.done() and not all_done.cancelled() and all_done.exception():
+                raise all_done.exception()  # type: ignore[misc]  # a caller died: a bug
             for side_task in (recorder, heartbeat):
                 if side_task.done():  # they loop until told to stop: ending is a bug
                     side_task.result()
@@ -171,7 +178,8 @@ class Cycle:
                 task.cancel()
             await asyncio.gather(all_done, stop_wait, return_exceptions=True)
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            takeover.cancel()
+            await asyncio.gather(heartbeat, takeover, return_exceptions=True)
             # Never cancel the recorder: a batch write it started commits in the database
             # thread regardless, and must be accounted for exactly once.
             self._recording = False
@@ -186,7 +194,7 @@ class Cycle:
             if late:
                 self._log.warning("cycle_drain_timeout", cancelled=len(late))
 
-    async def _claim_loop(self, started: datetime, stale_before: datetime) -> None:
+    async def _claim_loop(self, stale_before: datetime) -> None:
         """Lease pages until none is left; then tell every caller there is no more."""
         cursor = Cursor()
         try:
@@ -194,36 +202,78 @@ class Cycle:
                 if self._paused():
                     self._log.warning("cycle_paused", detail="claiming stopped by an operator")
                     break
-                claims = await self._bounded_db(
-                    "claim",
-                    self._store.claim,
-                    cursor,
-                    self.settings.claim_batch_size,
-                    run_id=self.run_id,
-                    now=self._clock.now(),
-                    cycle_started=started,
-                    stale_before=stale_before,
-                )
-                self.progress.claimed += len(claims)
-                for claim in claims:
-                    await self._queue.put(claim)
+                claims = await self._claim(cursor, stale_before)
                 if cursor.done and not claims:
                     break
+            # Our calls still run; the takeover task may add orphans meanwhile.
+            await self._wait_idle()
         except StoreError as exc:
             # Users already claimed are still called; the cycle then ends as crashed.
             self._claim_error = exc
+        self._claiming_done = True
         for _ in range(self.settings.concurrency):
             await self._queue.put(_DONE)
+
+    async def _claim(self, cursor: Cursor, stale_before: datetime, orphans: bool = False) -> int:
+        claims = await self._bounded_db(
+            "claim",
+            self._store.claim,
+            cursor,
+            self.settings.claim_batch_size,
+            run_id=self.run_id,
+            now=self._clock.now(),
+            stale_before=stale_before,
+            orphans=orphans,
+        )
+        if self._claiming_done:
+            return 0  # too late for this cycle: release_all gives these leases back
+        self.progress.claimed += len(claims)
+        for claim in claims:
+            await self._queue.put(claim)
+        return len(claims)
+
+    async def _takeover_loop(self, stale_before: datetime) -> None:
+        """Take over users whose lease expired under another instance (one that crashed),
+        during this cycle rather than the next: every half lease, while the cycle runs."""
+        while True:
+            await asyncio.sleep(self._takeover_seconds)
+            if self._halt is not None or self._paused():
+                continue
+            try:
+                taken = await self._claim(Cursor(), stale_before, orphans=True)
+            except StoreError as exc:
+                self._degrade(exc)
+                continue
+            if taken:
+                self._log.warning("orphaned_leases_taken_over", count=taken)
+
+    async def _wait_idle(self) -> None:
+        """Until no call runs and none is queued, or stop."""
+        while (self._busy or not self._queue.empty()) and not self._stop.is_set():
+            self._idle.clear()
+            waits = [
+                asyncio.ensure_future(self._stop.wait()),
+                asyncio.ensure_future(self._idle.wait()),
+            ]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waits:
+                waiter.cancel()
 
     async def _call_loop(self) -> None:
         while True:
             claim = await self._queue.get()
             if claim is _DONE or self._stop.is_set():
                 return
+            # When halted, keep draining the queue so that the claimer never blocks; the
+            # lease of a claim skipped here is given back by release_all at the end.
             if self._halt is None:
-                await self._call(claim)
-            # else: keep draining the queue so the claimer never blocks; the lease of a
-            # claim skipped here is given back by release_all at the end of the cycle.
+                self._busy += 1
+                try:
+                    await self._call(claim)
+                finally:
+                    self._busy -= 1
+            if not self._busy and self._queue.empty():
+                self._idle.set()
 
     async def _call(self, claim: Claim) -> None:
         begin = self._clock.monotonic()
@@ -404,6 +454,8 @@ class Cycle:
             outcome = "failed"
         elif self._stop.is_set() and p.done < p.claimed:
             outcome = "interrupted"
+        elif p.done < p.claimed:
+            outcome = "failed"  # never "succeeded" with claimed users left unattempted
         elif p.failed or self._pending:
             outcome = "failed"
         else:

@@ -34,6 +34,8 @@ user_state = Table(
     Column("lease_token", String(32), nullable=True),
     Column("lease_expires_at", DateTime(timezone=True), nullable=True),
     Column("last_attempt_at", DateTime(timezone=True), nullable=True),
+    # The run that last claimed the user: a run never attempts a user twice.
+    Column("last_run_id", String(32), nullable=True),
     Column("last_success_at", DateTime(timezone=True), nullable=True),
     Column("consecutive_failures", Integer, nullable=False, server_default="0"),
     Column("next_attempt_at", DateTime(timezone=True), nullable=True),

@@ -144,6 +144,7 @@ class Store:
                 "lease_token": take.excluded.lease_token,
                 "lease_expires_at": take.excluded.lease_expires_at,
                 "last_attempt_at": take.excluded.last_attempt_at,
+                "last_run_id": take.excluded.last_run_id,
             },
             where=or_(
                 user_state.c.lease_expires_at.is_(None),
@@ -168,16 +169,16 @@ class Store:
         """A UTC instant in the form the application's last_sync column stores."""
         return value.replace(tzinfo=None) if self._naive_last_sync else value
 
-    def _eligible(self, now: datetime, cycle_started: datetime) -> ColumnElement[bool]:
+    def _eligible(self, now: datetime, run_id: str | None) -> ColumnElement[bool]:
+        """Not leased, not backing off, and not already claimed by this same run."""
         s = user_state.c
-        return or_(
-            s.user_key.is_(None),
-            and_(
-                or_(s.lease_expires_at.is_(None), s.lease_expires_at < now),
-                or_(s.next_attempt_at.is_(None), s.next_attempt_at <= now),
-                or_(s.last_attempt_at.is_(None), s.last_attempt_at < cycle_started),
-            ),
-        )
+        conditions = [
+            or_(s.lease_expires_at.is_(None), s.lease_expires_at < now),
+            or_(s.next_attempt_at.is_(None), s.next_attempt_at <= now),
+        ]
+        if run_id is not None:
+            conditions.append(or_(s.last_run_id.is_(None), s.last_run_id != run_id))
+        return or_(s.user_key.is_(None), and_(*conditions))
 
     def _due_rows(
         self,
@@ -186,14 +187,20 @@ class Store:
         limit: int,
         *,
         now: datetime,
-        cycle_started: datetime,
+        run_id: str | None,
         stale_before: datetime,
+        orphans: bool = False,
     ) -> list[Any]:
         base = (
             select(self._id, self._email, self._key)
             .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
-            .where(self._eligible(now, cycle_started))
+            .where(self._eligible(now, run_id))
         )
+        if orphans:
+            # Only users whose lease another holder let expire: a crashed instance's work.
+            base = base.where(
+                user_state.c.lease_owner.is_not(None), user_state.c.lease_owner != self.instance
+            )
         rows: list[Any] = []
         while len(rows) < limit and not cursor.done:
             want = limit - len(rows)
@@ -228,7 +235,7 @@ class Store:
 
         def unit(session: Session) -> list[Claim]:
             rows = self._due_rows(
-                session, cursor, limit, now=now, cycle_started=now, stale_before=stale_before
+                session, cursor, limit, now=now, run_id=None, stale_before=stale_before
             )
             return [Claim(r[0], r[2], r[1], "") for r in rows]
 
@@ -243,7 +250,7 @@ class Store:
                     self._last_sync.is_(None),
                     self._last_sync < self._app_time(stale_before),
                 ),
-                self._eligible(now, now),
+                self._eligible(now, None),
             )
         )
         return self.db.transaction(lambda s: int(s.execute(query).scalar_one()), name="count_due")
@@ -257,10 +264,13 @@ class Store:
         *,
         run_id: str,
         now: datetime,
-        cycle_started: datetime,
         stale_before: datetime,
+        orphans: bool = False,
     ) -> list[Claim]:
-        """Lease up to `limit` due users for this instance, in one short transaction."""
+        """Lease up to `limit` due users for this instance, in one short transaction.
+
+        With `orphans`, only users whose lease expired under another instance are taken.
+        """
 
         def unit(session: Session) -> list[Claim]:
             saved = (cursor.phase, cursor.last_id, cursor.last_sync)
@@ -270,8 +280,9 @@ class Store:
                     cursor,
                     limit,
                     now=now,
-                    cycle_started=cycle_started,
+                    run_id=run_id,
                     stale_before=stale_before,
+                    orphans=orphans,
                 )
                 return self._lease(session, rows, run_id=run_id, now=now)
             except BaseException:
@@ -302,6 +313,7 @@ class Store:
                     "lease_token": token,
                     "lease_expires_at": expires,
                     "last_attempt_at": now,
+                    "last_run_id": run_id,
                     "consecutive_failures": 0,
                     "b_now": now,
                 }

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import Table, create_engine, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from daemon import demo
 from daemon import settings as settings_module
@@ -57,7 +58,8 @@ def postgres_database() -> Iterator[str]:
 def postgres_url(postgres_database: str) -> Iterator[str]:
     """A fresh schema per test, first on the search path of every connection."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(postgres_database, isolation_level="AUTOCOMMIT")
+    # No pool: a test may terminate every connection to the database on purpose.
+    engine = create_engine(postgres_database, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with engine.connect() as conn:
         conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
     yield f"{postgres_database}?options=-csearch_path%3D{schema}"

@@ -1,14 +1,16 @@
 """Shared fixtures for the process-level acceptance tests of the daemon.
 
-Everything here is real: the daemon and the reference backend run as subprocesses, signals
-are sent with os.kill, the NOTIFY_SOCKET is a unix datagram socket the test binds, and the
-database is an SQLite file prepared with `python -m daemon migrate` and `seed-demo`.
+Everything here is real: the daemon runs as a subprocess (`python -m daemon run`), signals
+are sent with os.kill, the NOTIFY_SOCKET is a unix datagram socket the test binds, the
+database is an SQLite file prepared with `python -m daemon migrate` and `seed-demo`, and
+the reference backend is an aiohttp server on 127.0.0.1 (in a thread with its own loop).
 
 Fixtures only (nothing autouse), so test_manage_script.py in this directory is unaffected.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -29,7 +31,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[2]
+from daemon.reference_backend import Faults, start_server
+
 T = TypeVar("T")
 
 WAIT_SECONDS = 20.0
@@ -303,29 +306,25 @@ class NotifySocket:
 
 
 class Backend:
-    """The bundled reference backend, as a subprocess on 127.0.0.1 with an ephemeral port."""
+    """The bundled reference backend: a real aiohttp server on 127.0.0.1, ephemeral port.
 
-    def __init__(self, proc: Proc) -> None:
-        self.proc = proc
-        self._port: int | None = None
+    It runs in a thread of the test process with its own event loop (started with
+    `daemon.reference_backend.start_server`), which starts in milliseconds where a
+    subprocess would cost an interpreter start-up per test. The tests talk to it only
+    over HTTP, as the daemon does.
+    """
 
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            marker = "reference-backend: Running on http://127.0.0.1:"
-
-            def probe() -> int | None:
-                for line in self.proc.lines("stderr"):
-                    if line.text.startswith(marker):
-                        return int(line.text[len(marker) :].strip().rstrip("/"))
-                if not self.proc.alive:
-                    pytest.fail(f"the reference backend exited\n{self.proc.tail()}")
-                return None
-
-            self._port = wait_until(
-                probe, what="the reference backend's port", describe=self.proc.tail
-            )
-        return self._port
+    def __init__(self, faults: Faults, token: str | None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="reference-backend"
+        )
+        self._thread.start()
+        started = asyncio.run_coroutine_threadsafe(
+            start_server("127.0.0.1", 0, faults=faults, token=token), self._loop
+        )
+        self._runner, self.port = started.result(timeout=10)
+        self._closed = False
 
     @property
     def base(self) -> str:
@@ -351,6 +350,26 @@ class Backend:
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:
         return self._request("PUT", "/_control/faults", faults)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        async def shut_down() -> None:
+            await self._runner.cleanup()  # ends hanging handlers, closes every connection
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(shut_down(), self._loop).result(timeout=15)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self._loop.close()
 
 
 # -- the database ------------------------------------------------------------------------------
@@ -467,6 +486,7 @@ class Harness:
     notify: NotifySocket
     templates: _Templates
     procs: list[Proc] = field(default_factory=list)
+    backends: list[Backend] = field(default_factory=list)
     db: Database | None = None
 
     def database(self, users: int, *, migrated: bool = True, name: str = "sync.db") -> Database:
@@ -493,6 +513,7 @@ class Harness:
         env["SYNC_STATUS_ADDRESS"] = "127.0.0.1:0"
         env["SYNC_LOG_FORMAT"] = "json"
         env["SYNC_RETRY_DELAY_SECONDS"] = "0.05"
+        env["SYNC_JITTER_SECONDS"] = "0"  # no random delay before start-up and scheduled cycles
         if backend is not None:
             env["SYNC_BACKEND_URL"] = backend.sync_url
         for key, value in settings.items():
@@ -502,12 +523,13 @@ class Harness:
                 env[key] = str(value)
         return env
 
-    def start_backend(self, *flags: str, latency_ms: float = 20) -> Backend:
-        args = [sys.executable, "-m", "daemon.reference_backend", "--host", "127.0.0.1"]
-        args += ["--port", "0", "--latency-ms", str(latency_ms), *flags]
-        proc = Proc("reference-backend", args, env=base_env(), cwd=self.tmp)
-        self.procs.append(proc)
-        return Backend(proc)
+    def start_backend(
+        self, *, latency_ms: float = 20, token: str | None = None, **faults: Any
+    ) -> Backend:
+        """A reference backend with these fault switches (the fields of `Faults`)."""
+        backend = Backend(Faults(latency_ms=latency_ms, **faults), token)
+        self.backends.append(backend)
+        return backend
 
     def start_daemon(self, env: dict[str, str], *args: str) -> Proc:
         proc = Proc("daemon", [sys.executable, "-m", "daemon", "run", *args], env=env, cwd=self.tmp)
@@ -539,8 +561,12 @@ class Harness:
         return "\n".join([*(p.tail() for p in self.procs), self.notify.dump()])
 
     def cleanup(self) -> None:
-        for proc in self.procs:
-            proc.kill()
+        try:
+            for proc in self.procs:
+                proc.kill()
+        finally:
+            for backend in self.backends:
+                backend.close()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.conftest import Harness, Proc, json_lines, wait_until
+from tests.acceptance.conftest import Backend, Harness, Proc, json_lines, wait_until
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc").is_dir() or not hasattr(signal, "SIGUSR1"),
@@ -199,35 +199,45 @@ def test_watchdog_is_not_fed_when_watchdog_pid_names_another_process(harness: Ha
     assert not harness.notify.messages("WATCHDOG"), harness.notify.dump()
 
 
-def test_stalled_cycle_stops_the_watchdog_pings(harness: Harness) -> None:
-    db = harness.database(users=6)
-    backend = harness.start_backend()
-    env = harness.env(
+def _stall_env(harness: Harness, backend: Backend) -> dict[str, str]:
+    # Database units are bounded by the lease (3 s) plus 5 s of grace; SQLite's busy
+    # timeout is 10 s and units are retried, so a held write lock really overruns that.
+    return harness.env(
         backend,
         SYNC_INTERVAL_SECONDS=3600,
         SYNC_LEASE_SECONDS=3,
         SYNC_REQUEST_TIMEOUT_SECONDS=1,
+        SYNC_CONCURRENCY=1,
         WATCHDOG_USEC=1_000_000,
         WATCHDOG_PID=None,
     )
+
+
+def test_stalled_cycle_stops_the_watchdog_pings(harness: Harness) -> None:
+    db = harness.database(users=6)
+    backend = harness.start_backend()
+    env = _stall_env(harness, backend)
     daemon = harness.start_daemon(env)
     _ready(harness, daemon)
     daemon.wait_for_event("cycle_finished", outcome="succeeded")
     harness.wait_no_cycle(daemon)
     harness.notify.wait_for("WATCHDOG", "1", describe=harness.describe)
+    seeded = harness.cli("seed-demo", "--users", "30", env=env)
+    assert seeded.returncode == 0, seeded.stderr
+    backend.set_faults(latency_ms=300)  # the forced cycle takes a while: 24 users, 1 at a time
 
-    # Take the write lock: the forced cycle's first unit (start_run) waits on SQLite's
-    # 10 s busy timeout, past its bound (SYNC_LEASE_SECONDS=3, plus 5 s of grace).
-    blocker = sqlite3.connect(db.path, isolation_level=None)
+    daemon.signal(signal.SIGUSR1)
+    daemon.wait_for_event("cycle_requested", reason="SIGUSR1")
+    daemon.wait_for_event("user_synced", count=7)  # the forced cycle is under way
+    blocker = sqlite3.connect(db.path, isolation_level=None, timeout=10)
     try:
         blocker.execute("BEGIN EXCLUSIVE")
-        forced = daemon.signal(signal.SIGUSR1)
-        daemon.wait_for_event("cycle_requested", reason="SIGUSR1")
+        locked = time.monotonic()
         withheld = daemon.wait_for_event("watchdog_withheld", timeout=20)
-        assert withheld["stalled_on"] == "database start_run"
+        assert withheld["stalled_on"].startswith("database "), withheld
         assert withheld["level"] == "error"
-        # The bound is 3 s + 5 s grace: nothing is withheld before 8 s have passed.
-        assert withheld["_at"] - forced >= 7.5
+        # Overrunning means 3 s bound + 5 s grace: nothing is withheld sooner.
+        assert withheld["_at"] - locked >= 7.5
         # No pings now, for as long as the lock is held.
         quiet_since = withheld["_at"]
         while time.monotonic() < quiet_since + 3.0:
@@ -240,20 +250,80 @@ def test_stalled_cycle_stops_the_watchdog_pings(harness: Harness) -> None:
         blocker.close()
 
     resumed = harness.notify.wait_for("WATCHDOG", "1", since=released, timeout=5)
-    pings = [d.at for d in harness.notify.messages("WATCHDOG")]
-    before = [t for t in pings if t < withheld["_at"]]
+    before = [d.at for d in harness.notify.messages("WATCHDOG") if d.at < withheld["_at"]]
     gap = resumed.at - before[-1]
     assert gap >= 3.5, f"pings did not stop long enough: gap {gap:.2f}s"
-    # The cycle itself got through once the database answered.
+    # The cycle itself got through once the database answered, losing nobody.
     finished = daemon.wait_for_event("cycle_finished", count=2)
-    assert finished["outcome"] == "succeeded"
-    # And pings keep coming at the usual rate.
+    assert (finished["outcome"], finished["succeeded"]) == ("succeeded", 24), finished
+    assert db.synced_ids() == set(range(1, 31))
     wait_until(
         lambda: len(harness.notify.messages("WATCHDOG", since=resumed.at)) >= 3,
         what="steady pings after the stall",
         describe=harness.notify.dump,
     )
     assert daemon.alive
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon/app.py _start_cycle(): _housekeeping() (control.cleanup, prune_history) "
+    "runs before the Cycle exists and outside any progress.bounded(), and the main loop's "
+    "_poll_control() blocks on the same database; a cycle wedged there is never seen as "
+    "stalled, so WATCHDOG=1 keeps flowing",
+)
+def test_a_cycle_wedged_on_a_locked_database_at_its_start_stops_the_watchdog_pings(
+    harness: Harness,
+) -> None:
+    db = harness.database(users=6)
+    backend = harness.start_backend()
+    env = _stall_env(harness, backend)
+    env.update(SYNC_LEASE_SECONDS="1", SYNC_REQUEST_TIMEOUT_SECONDS="0.5")  # bound: 1 s + 5 s
+    daemon = harness.start_daemon(env)
+    _ready(harness, daemon)
+    daemon.wait_for_event("cycle_finished", outcome="succeeded")
+    harness.wait_no_cycle(daemon)
+    blocker = sqlite3.connect(db.path, isolation_level=None, timeout=10)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        forced = daemon.signal(signal.SIGUSR1)
+        # 1 s bound + 5 s grace + one 0.5 s watchdog tick, and some slack.
+        withheld = daemon.wait_for_event("watchdog_withheld", timeout=8)
+        assert withheld["_at"] - forced >= 5.5
+        assert not harness.notify.messages("WATCHDOG", since=withheld["_at"])
+    finally:
+        blocker.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon/app.py _serve(): the main loop awaits _poll_control(), a database write "
+    "retried for up to ~50 s on SQLite (busy timeout 10 s x 5 attempts); while it waits, "
+    "SIGTERM is not acted on (no STOPPING=1, no exit) and STATUS= is frozen",
+)
+def test_sigterm_while_the_database_is_locked_stops_an_idle_daemon_promptly(
+    harness: Harness,
+) -> None:
+    db = harness.database(users=6)
+    backend = harness.start_backend()
+    env = harness.env(backend, SYNC_INTERVAL_SECONDS=3600, SYNC_SHUTDOWN_GRACE_SECONDS=1)
+    daemon = harness.start_daemon(env)
+    _ready(harness, daemon)
+    daemon.wait_for_event("cycle_finished", outcome="succeeded")
+    harness.wait_no_cycle(daemon)
+    blocker = sqlite3.connect(db.path, isolation_level=None, timeout=10)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        # Idle, with nothing in flight; let the daemon run into the lock on its own.
+        locked = time.monotonic()
+        while time.monotonic() < locked + 2.2:  # the control poll comes every 2 s
+            time.sleep(0.05)
+        sent = daemon.signal(signal.SIGTERM)
+        harness.notify.wait_for("STOPPING", "1", since=sent, timeout=2)
+        status = daemon.wait_exit(timeout=3)
+    finally:
+        blocker.close()
+    assert status == 0
 
 
 # -- stopping ----------------------------------------------------------------------------------
@@ -302,7 +372,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(harness: Harness) -> None
 
 def test_sigterm_past_the_grace_period_cuts_calls_and_releases_leases(harness: Harness) -> None:
     db = harness.database(users=6)
-    backend = harness.start_backend("--hang-rate", "1", latency_ms=0)
+    backend = harness.start_backend(hang_rate=1, latency_ms=0)
     env = harness.env(
         backend,
         SYNC_INTERVAL_SECONDS=3600,
@@ -528,7 +598,10 @@ def test_the_token_never_appears_in_any_log_line(harness: Harness) -> None:
     token_file.write_text(token + "\n")
     harness.database(users=10)
     backend = harness.start_backend(
-        "--token-file", str(token_file), "--error-rate", "0.4", "--seed", "7", "--fail-user", "3"
+        token=token_file.read_text().strip(),  # what the backend's --token-file does
+        error_rate=0.4,
+        seed=7,
+        fail_users=frozenset({"3"}),
     )
     env = harness.env(
         backend,
@@ -568,7 +641,7 @@ def test_once_exits_zero_when_all_synced_and_one_when_any_failed(harness: Harnes
     healthy_db = harness.database(users=6, name="healthy.db")
     failing_db = harness.database(users=6, name="failing.db")
     healthy = harness.start_backend()
-    failing = harness.start_backend("--fail-user", "3")
+    failing = harness.start_backend(fail_users=frozenset({"3"}))
 
     ok = harness.cli("once", env=harness.env(healthy, SYNC_DATABASE_URL=healthy_db.url))
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -588,7 +661,7 @@ def test_once_exits_zero_when_all_synced_and_one_when_any_failed(harness: Harnes
 
 def test_status_reports_runs_and_failing_users(harness: Harness) -> None:
     db = harness.database(users=6)
-    backend = harness.start_backend("--fail-user", "2")
+    backend = harness.start_backend(fail_users=frozenset({"2"}))
     env = harness.env(backend, SYNC_MAX_RETRIES=0)
     run = harness.cli("once", env=env)
     assert run.returncode == 1, run.stdout + run.stderr

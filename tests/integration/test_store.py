@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
@@ -14,12 +15,13 @@ NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 STALE = NOW - timedelta(hours=1)
 
 
-def claim_all(store: Store, *, now: datetime = NOW, page: int = 100) -> list:
-    cursor, claims = Cursor(), []
+def claim_all(
+    store: Store, *, now: datetime = NOW, page: int = 100, run_id: str | None = None
+) -> list:
+    """One run's scan; each call is a new run unless `run_id` says otherwise."""
+    cursor, claims, run = Cursor(), [], run_id or uuid.uuid4().hex
     while not cursor.done:
-        claims += store.claim(
-            cursor, page, run_id="run1", now=now, cycle_started=now, stale_before=STALE
-        )
+        claims += store.claim(cursor, page, run_id=run, now=now, stale_before=STALE)
     return claims
 
 
@@ -157,18 +159,18 @@ def test_a_conflict_neither_advances_last_sync_nor_counts_as_failure(app_db: App
 def test_a_user_is_attempted_at_most_once_per_cycle(app_db: AppDatabase) -> None:
     app_db.seed(1)
     store = app_db.store()
-    (claim,) = claim_all(store)
+    (claim,) = claim_all(store, run_id="run1")
     store.finish([Result(claim, Outcome.CONFLICT, NOW)], run_id="r", now=NOW, backoff=lambda n: 1)
-    # same cycle (cycle_started=NOW), a fresh scan: the user was attempted already
+    # the same run scanning again (as after a rescan): the user was attempted already
     again = store.claim(
-        Cursor(),
-        10,
-        run_id="r",
-        now=NOW + timedelta(seconds=1),
-        cycle_started=NOW,
-        stale_before=STALE,
+        Cursor(), 10, run_id="run1", now=NOW + timedelta(seconds=1), stale_before=STALE
     )
     assert again == []
+    # a later run may attempt it again
+    later = store.claim(
+        Cursor(), 10, run_id="run2", now=NOW + timedelta(seconds=2), stale_before=STALE
+    )
+    assert [c.user_id for c in later] == [1]
 
 
 def test_heartbeat_renews_live_leases_and_release_gives_them_back(app_db: AppDatabase) -> None:

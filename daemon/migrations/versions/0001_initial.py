@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("lease_token", sa.String(32), nullable=True),
         sa.Column("lease_expires_at", TZ, nullable=True),
         sa.Column("last_attempt_at", TZ, nullable=True),
+        sa.Column("last_run_id", sa.String(32), nullable=True),
         sa.Column("last_success_at", TZ, nullable=True),
         sa.Column("consecutive_failures", sa.Integer, nullable=False, server_default="0"),
         sa.Column("next_attempt_at", TZ, nullable=True),
