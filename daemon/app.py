@@ -33,6 +33,7 @@ from daemon.cycle import Clock, Cycle, DbRunner, Report, dry_run
 from daemon.database import SCHEMA_REVISION, Database, current_revision, make_engine
 from daemon.errors import ConfigError, StoreError
 from daemon.metrics import Metrics
+from daemon.progress import Progress
 from daemon.resilience import BackendGate
 from daemon.scheduler import Scheduler
 from daemon.settings import Settings
@@ -62,7 +63,12 @@ RESTART_ONLY = (
     "user_email_column",
     "last_sync_column",
     "status_address",
+    "lease_seconds",
 )
+
+
+class _StoppedEarly(Exception):
+    """Stop was requested before the daemon was ready: exit cleanly, with status 0."""
 
 
 def instance_name() -> str:
@@ -108,55 +114,62 @@ class App:
         self._paused = False
         self._seen_force: datetime | None = None
         self._last_forced = -FORCE_COOLDOWN_SECONDS
-        self._control_due = 0.0
         self._control_seen = False
         self._prune_due = 0.0
+        self._retired: list[aiohttp.ClientSession] = []
+        self._watch = Progress()  # bounded waits outside cycles (the control poll)
         self._reload_task: asyncio.Task[None] | None = None
         self._state = "starting"
 
     # -- public entry points ---------------------------------------------------------
 
     async def run_forever(self) -> int:
-        try:
-            async with self._resources():
-                with self._signals():
+        # Signals first: a SIGTERM or SIGHUP while waiting for the database must be heard.
+        with self._signals():
+            try:
+                async with self._resources():
                     return await self._serve()
-        except ConfigError as exc:
-            self._log.error("config_error", error=str(exc))
-            return EX_CONFIG
-        except StoreError as exc:
-            self._log.error("database_unavailable_at_start", error=str(exc))
-            return EX_UNAVAILABLE
-        finally:
-            self._notifier.stopping()
-            self._notifier.close()
+            except _StoppedEarly:
+                return EX_OK
+            except ConfigError as exc:
+                return self._config_error(exc)
+            except StoreError as exc:
+                self._log.error("database_unavailable_at_start", error=str(exc))
+                return EX_UNAVAILABLE
+            finally:
+                self._notifier.close()
+
+    def _config_error(self, exc: ConfigError) -> int:
+        """One line on stderr, as for a bad setting, and the same line in the log."""
+        self._log.error("config_error", error=str(exc))
+        print(f"background-sync: {exc}", file=sys.stderr)
+        return EX_CONFIG
 
     async def run_once(self) -> int:
         """One cycle, then exit: 0 if every due user synced, 1 if any failed."""
-        try:
-            async with self._resources():
-                with self._signals():
-                    if self.settings.dry_run:
-                        assert self._store is not None
-                        await dry_run(self.settings, self._store, self._db_runner, self._clock)
-                        return EX_OK
+        with self._signals():
+            try:
+                async with self._resources():
                     report = await self._start_cycle("once")
                     if report.outcome == "crashed":
                         return EX_TEMPFAIL
                     return EX_OK if report.outcome == "succeeded" else EX_FAILED
-        except ConfigError as exc:
-            self._log.error("config_error", error=str(exc))
-            return EX_CONFIG
-        except StoreError as exc:
-            self._log.error("database_unavailable_at_start", error=str(exc))
-            return EX_UNAVAILABLE
+            except _StoppedEarly:
+                return EX_OK
+            except ConfigError as exc:
+                return self._config_error(exc)
+            except StoreError as exc:
+                self._log.error("database_unavailable_at_start", error=str(exc))
+                return EX_UNAVAILABLE
 
     def stop(self, reason: str) -> None:
-        """Ask the daemon to finish; idempotent, only sets an event."""
+        """Ask the daemon to finish; idempotent, only sets events."""
         if not self._stop.is_set():
             self._log.info("shutdown_requested", reason=reason)
             self._stop.set()
             self._wake.set()
+            if self._store is not None:
+                self._store.db.closing.set()
 
     def request_cycle(self, reason: str) -> None:
         """Ask for a cycle now. One already running is never overlapped."""
@@ -200,8 +213,15 @@ class App:
                 await status_runner.cleanup()
             if self._http is not None:
                 await self._http.close()
+            await self._close_retired()
             await asyncio.to_thread(self._db_runner.close)
             database.dispose()
+
+    async def _close_retired(self) -> None:
+        """Close sessions replaced by a reload, once no cycle can be using them."""
+        retired, self._retired = self._retired, []
+        for session in retired:
+            await session.close()
 
     def _open_http(self) -> None:
         self._http = BackendClient.open_session(self.settings)
@@ -226,11 +246,14 @@ class App:
                 return
             except StoreError as exc:
                 self.metrics.database_up.set(0)
-                if time.monotonic() + delay > give_up or self._stop.is_set():
+                if time.monotonic() + delay > give_up:
                     raise
                 self._notifier.status(f"waiting for the database: {exc}")
                 self._log.warning("database_waiting", error=str(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    raise _StoppedEarly from None
                 delay = min(delay * 2, 10.0)
 
     async def _check_schema(self, database: Database) -> None:
@@ -252,9 +275,14 @@ class App:
 
     async def _serve(self) -> int:
         self._scheduler = Scheduler(self.settings.interval_seconds, self._on_tick)
-        self.request_cycle("startup")
-        watchdog = asyncio.create_task(self._watchdog_loop(), name="watchdog")
+        await self._poll_control()  # a paused instance must not start even one cycle
         self._state = "idle"
+        self.request_cycle("startup")
+        if self._may_start("startup"):
+            self._cycle_wanted = None
+            self._launch_cycle("startup")
+        watchdog = asyncio.create_task(self._watchdog_loop(), name="watchdog")
+        controls = asyncio.create_task(self._control_loop(), name="control")
         self._notifier.ready(self.status_line())
         self._log.info(
             "daemon_ready",
@@ -266,7 +294,8 @@ class App:
         try:
             while not self._stop.is_set() and self._fatal is None:
                 self._scheduler.poll()
-                await self._poll_control()
+                if self._cycle_task is None and self._retired:
+                    await self._close_retired()
                 if self._cycle_wanted is not None and self._cycle_task is None:
                     reason, self._cycle_wanted = self._cycle_wanted, None
                     if self._may_start(reason):
@@ -277,9 +306,9 @@ class App:
                     await asyncio.wait_for(self._wake.wait(), LOOP_WAKE_SECONDS)
             return await self._shut_down()
         finally:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+            for task in (watchdog, controls):
+                task.cancel()
+            await asyncio.gather(watchdog, controls, return_exceptions=True)
 
     async def _shut_down(self) -> int:
         self._state = "stopping"
@@ -311,24 +340,27 @@ class App:
         loop = asyncio.get_running_loop()
         loop.call_later(delay + 0.05, self.request_cycle, "circuit_probe")
 
+    async def _control_loop(self) -> None:
+        """Its own task, so a slow or absent database never holds up the main loop."""
+        while True:
+            await asyncio.sleep(CONTROL_POLL_SECONDS)
+            await self._poll_control()
+
     async def _poll_control(self) -> None:
-        """Every few seconds: publish this instance's state, read pause and force."""
-        now = time.monotonic()
-        if now < self._control_due:
-            return
-        self._control_due = now + CONTROL_POLL_SECONDS
+        """Publish this instance's state; read pause and force."""
         assert self._store is not None
         try:
-            switches = await self._db_runner(
-                control.report_instance,
-                self._store.db,
-                instance=self.instance,
-                started_at=self._started_at,
-                now=self._clock.now(),
-                state="paused" if self._paused else self._state,
-                circuit=self._gate.state.value,
-                status=self.status_line(),
-            )
+            with self._watch.bounded(self.settings.lease_seconds, "database control poll"):
+                switches = await self._db_runner(
+                    control.report_instance,
+                    self._store.db,
+                    instance=self.instance,
+                    started_at=self._started_at,
+                    now=self._clock.now(),
+                    state="paused" if self._paused else self._state,
+                    circuit=self._gate.state.value,
+                    status=self.status_line(),
+                )
         except StoreError as exc:
             if self._db_down_since is None:
                 self._log.warning("control_unavailable", error=str(exc))
@@ -354,13 +386,15 @@ class App:
     def _force(self, reason: str) -> None:
         """A forced cycle, debounced so that a burst of requests starts one cycle."""
         now = time.monotonic()
-        if now - self._last_forced < FORCE_COOLDOWN_SECONDS:
+        if self._cycle_task is None and now - self._last_forced < FORCE_COOLDOWN_SECONDS:
             self._log.info("force_debounced", reason=reason)
             return
-        self._last_forced = now
+        if self._cycle_task is None:
+            self._last_forced = now  # only a force that starts a cycle opens the cooldown
         self.request_cycle(reason)
 
     def _launch_cycle(self, reason: str) -> None:
+        self._state = "syncing"
         task = asyncio.create_task(self._start_cycle(reason), name="cycle")
         self._cycle_task = task
         task.add_done_callback(self._cycle_ended)
@@ -369,7 +403,6 @@ class App:
         assert self._store is not None and self._client is not None
         self._state = "syncing"
         self.metrics.in_cycle.set(1)
-        await self._housekeeping()
         jittered = reason in ("startup", "schedule")
         self._cycle = Cycle(
             self.settings,
@@ -385,7 +418,12 @@ class App:
         self._carry = ()
         self._log.info("cycle_requested", reason=reason, run_id=self._cycle.run_id)
         try:
-            report = await self._cycle.run()
+            if self.settings.dry_run:
+                report = await self._dry_cycle()
+            else:
+                with self._cycle.progress.bounded(self.settings.lease_seconds, "housekeeping"):
+                    await self._housekeeping()
+                report = await self._cycle.run()
         finally:
             self.metrics.in_cycle.set(0)
             self._state = "stopping" if self._stop.is_set() else "idle"
@@ -396,6 +434,21 @@ class App:
         if report.circuit_open and not self._stop.is_set():
             self._schedule_probe(self._gate.breaker.reopens_in(time.monotonic()))
         return report
+
+    async def _dry_cycle(self) -> Report:
+        """SYNC_DRY_RUN: log who would be synced; call nothing, write nothing."""
+        assert self._store is not None and self._cycle is not None
+        begin = time.monotonic()
+        due = await dry_run(self.settings, self._store, self._db_runner, self._clock)
+        return Report(
+            run_id=self._cycle.run_id,
+            outcome="succeeded",
+            claimed=due,
+            succeeded=0,
+            failed=0,
+            skipped=due,
+            duration_s=round(time.monotonic() - begin, 3),
+        )
 
     async def _housekeeping(self) -> None:
         """Before a cycle: record what crashed instances left, prune old history."""
@@ -473,7 +526,9 @@ class App:
         withheld: str | None = None
         while True:
             await asyncio.sleep(interval)
-            stalled = self._cycle.progress.overdue() if self._cycle_task and self._cycle else None
+            stalled = self._watch.overdue()
+            if stalled is None and self._cycle_task and self._cycle:
+                stalled = self._cycle.progress.overdue()
             if stalled is not None:
                 if withheld != stalled:
                     self._log.error("watchdog_withheld", stalled_on=stalled)
@@ -537,13 +592,15 @@ class App:
         )
         if self._scheduler is not None and fresh.interval_seconds != old.interval_seconds:
             self._scheduler.reschedule(fresh.interval_seconds)
+        self._gate.configure(
+            threshold=fresh.max_consecutive_failures,
+            reset_seconds=fresh.circuit_reset_seconds,
+            max_per_second=fresh.max_requests_per_second,
+        )
         if self._http is not None:
-            # The running cycle keeps the old client; the next one uses the new session.
-            stale = self._http
+            # A running cycle keeps the old client; the session closes after it ends.
+            self._retired.append(self._http)
             self._open_http()
-            asyncio.get_running_loop().call_later(
-                fresh.request_timeout_seconds + 5, lambda: asyncio.ensure_future(stale.close())
-            )
         changed = sorted(
             f.name
             for f in dataclasses.fields(Settings)

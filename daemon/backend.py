@@ -103,6 +103,12 @@ class BackendClient:
         if settings.backend_token is not None:
             self._headers["Authorization"] = f"Bearer {settings.backend_token.reveal()}"
         self._payload = dict(settings.backend_payload)
+        # The longest a call may wait at the gate: a Retry-After pause, a half-open probe's
+        # answer, and its turn under the rate limit with every other caller ahead of it.
+        rate = settings.max_requests_per_second
+        self._gate_bound = RETRY_AFTER_CAP_SECONDS + settings.request_timeout_seconds
+        if rate:
+            self._gate_bound += settings.concurrency / rate
         self._log = get_logger(component="backend")
 
     @staticmethod
@@ -132,7 +138,7 @@ class BackendClient:
         result = _Attempt(Outcome.FAILED, None)
         while True:
             try:
-                with watch.bounded(RETRY_AFTER_CAP_SECONDS, "backend gate"):
+                with watch.bounded(self._gate_bound, "backend gate"):
                     await self._gate.wait()
             except GateClosed as exc:
                 if attempts == 0:

@@ -146,8 +146,8 @@ def cleanup(db: Database, *, now: datetime, stale_after: timedelta) -> Cleaned:
                         "started_at": row.last_attempt_at or row.lease_expires_at,
                         "heartbeat_at": row.lease_expires_at,
                         "finished_at": now,
-                        "outcome": "abandoned",
-                        "error": "lease expired: its holder stopped renewing it",
+                        "outcome": "failed",
+                        "error": "abandoned: the lease expired, its holder stopped renewing it",
                     }
                     for row in expired
                 ],

@@ -9,6 +9,7 @@ clean, usable session whatever happened to the last one.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -116,6 +117,8 @@ class Database:
         self._max_delay = max_delay
         self._sleep = sleep
         self._log = get_logger(component="database")
+        # Set at shutdown: a unit in progress gets no further retries.
+        self.closing = threading.Event()
 
     def transaction(self, unit: Callable[[Session], T], *, name: str) -> T:
         """Run `unit` in one transaction; retry transient errors with backoff."""
@@ -124,7 +127,7 @@ class Database:
                 with self._sessions.begin() as session:
                     return unit(session)
             except DBAPIError as exc:
-                if not is_transient(exc) or attempt == self._attempts:
+                if not is_transient(exc) or attempt == self._attempts or self.closing.is_set():
                     raise StoreError(f"{name}: {_short(exc)}") from exc
                 delay = random.uniform(0, min(self._max_delay, self._base_delay * 2**attempt))
                 self._log.warning(

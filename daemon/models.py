@@ -74,7 +74,7 @@ operations = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=True),
-    # success, failed, conflict, released, lease_lost, abandoned
+    # success, failed (also "abandoned: ..." by cleanup), conflict, released, lease_lost
     Column("outcome", String(16), nullable=True),
     Column("http_status", Integer, nullable=True),
     Column("attempts", Integer, nullable=False, server_default="0"),

@@ -120,6 +120,17 @@ class BackendGate(Gate):
     def state(self) -> State:
         return self.breaker.state
 
+    def configure(
+        self, *, threshold: int, reset_seconds: float, max_per_second: float | None
+    ) -> None:
+        """New settings (SIGHUP) without forgetting the circuit's current state."""
+        self.breaker.threshold = threshold
+        self.breaker.reset_seconds = reset_seconds
+        if not max_per_second:
+            self.bucket = None
+        elif self.bucket is None or self.bucket.rate != max_per_second:
+            self.bucket = TokenBucket(max_per_second)
+
     async def wait(self) -> None:
         """Return when a call may go out; raise CircuitOpen when none may."""
         while True:

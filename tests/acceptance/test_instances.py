@@ -178,7 +178,9 @@ def test_cleanup_records_and_frees_what_a_killed_instance_held(harness: Harness,
     assert done.returncode == 0, done.stderr
     assert f"freed {held} expired lease(s)" in done.stdout
     assert "closed 1 abandoned run(s)" in done.stdout
-    abandoned = pg.scalar("SELECT count(*) FROM sync_operations WHERE outcome = 'abandoned'")
+    abandoned = pg.scalar(
+        "SELECT count(*) FROM sync_operations WHERE outcome = 'failed' AND error LIKE 'abandoned%'"
+    )
     assert abandoned == held
     assert pg.scalar("SELECT count(*) FROM sync_user_state WHERE lease_owner IS NOT NULL") == 0
 
