@@ -181,7 +181,7 @@ class BackendClient:
                 await self._sleep(delay)
 
     def _finish(self, result: _Attempt, attempts: int) -> CallOutcome:
-        counts = result.body if isinstance(result.body, dict) else None
+        counts = _counts(result.body) if result.outcome is Outcome.SUCCESS else None
         return CallOutcome(
             outcome=result.outcome,
             status=result.status,
@@ -255,8 +255,11 @@ class BackendClient:
     async def _read_capped(self, response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         """Read at most SYNC_RESPONSE_MAX_BYTES; a larger body is a failure, not a crash."""
         cap = self._settings.response_max_bytes
-        if response.content_length is not None and response.content_length > cap:
-            return b"", True
+        length = response.content_length
+        if length is not None:
+            if length > cap:
+                return b"", True
+            return await response.read(), False  # the declared length is within the cap
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -318,6 +321,25 @@ class BackendClient:
         s = self._settings
         budget = s.poll_base_seconds + (items or 0) * s.poll_per_item_seconds
         return min(s.poll_max_seconds, max(s.poll_min_seconds, budget))
+
+
+MAX_LOGGED_COUNTS = 10
+
+
+def _counts(body: Any) -> dict[str, int | float] | None:
+    """The numbers in a success body (items synced, ...): what is worth logging of it.
+
+    A body may be up to SYNC_RESPONSE_MAX_BYTES of anything; only a few top-level
+    numeric fields reach the log line.
+    """
+    if not isinstance(body, dict):
+        return None
+    numbers = {
+        str(key)[:64]: value
+        for key, value in body.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    return dict(list(numbers.items())[:MAX_LOGGED_COUNTS]) or None
 
 
 def _total(body: Any) -> int | None:
