@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# manage_background_sync.sh - set up, test, demo and run the background-sync daemon.
+# manage_background_sync.sh - set up, test, demo, install and run the background-sync daemon.
 #
 # Run `./manage_background_sync.sh help` for the commands. Works from any directory: everything
 # lives under the directory of this script (symlinks resolved).
 #
-# This version manages the daemon itself (PID file + setsid). The lifecycle commands dispatch to
-# selfmanaged_* functions so that a systemd_* implementation can be added next to them.
+# Two modes for the lifecycle commands (start, stop, restart, reload, status, logs, logs-follow,
+# force, pause, resume), chosen on every call:
+# - systemd: systemd is PID 1 (/run/systemd/system exists) and the unit is installed
+#   (/etc/systemd/system/background-sync.service, by `install`): systemctl, journalctl and
+#   systemd-run with the service's own user, state directory and env file;
+# - self-managed otherwise, or with --no-systemd: the daemon runs from this project's .venv with a
+#   PID file (var/run) and a log file (var/log).
 set -Eeuo pipefail
 
 PROG=$(basename -- "${BASH_SOURCE[0]}")
@@ -23,7 +28,29 @@ SETUP_STAMP="$VENV/.background-sync-setup.sha256"
 DEV_STAMP="$VENV/.background-sync-dev.sha256"
 MIN_PYTHON_MAJOR=3
 MIN_PYTHON_MINOR=11
-MODE=selfmanaged # the only mode of this version; a later one adds "systemd"
+
+# systemd mode: where `install` puts things. These paths are also written in
+# systemd/background-sync.service; change them together.
+SERVICE=background-sync
+UNIT_SOURCE="$ROOT/systemd/background-sync.service"
+ENV_EXAMPLE="$ROOT/systemd/background-sync.env.example"
+PREFIX=/opt/background-sync
+SERVICE_PYTHON="$PREFIX/.venv/bin/python"
+CONF_DIR=/etc/background-sync
+ENV_FILE="$CONF_DIR/background-sync.env"
+TOKEN_FILE="$CONF_DIR/backend-token"
+STATE_DIRS=(/var/lib/private/background-sync /var/lib/background-sync)
+# Mode detection only; tests point these elsewhere. They change nothing that `install` writes.
+SYSTEMD_DIR=${BACKGROUND_SYNC_SYSTEMD_DIR:-/run/systemd/system}
+UNIT_FILE=${BACKGROUND_SYNC_UNIT_FILE:-/etc/systemd/system/$SERVICE.service}
+NO_TOKEN_DROPIN="$UNIT_FILE.d/10-no-backend-token.conf"
+# What `install` copies to $PREFIX (the code runs from the venv; the copy is for reference).
+INSTALL_ITEMS=(daemon pyproject.toml requirements.txt README.md docs systemd manage_background_sync.sh)
+# The build backend for `pip install --no-build-isolation` (setuptools >= 70.1 needs no `wheel`).
+BUILD_REQUIREMENT='setuptools>=70.1'
+
+MODE=selfmanaged   # or systemd: see select_mode
+FORCE_SELFMANAGED=0 # --no-systemd
 
 trap 'printf "%s: line %s: unexpected failure of: %s\n" "$PROG" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
@@ -33,7 +60,7 @@ usage() {
     cat <<EOF
 Usage: $PROG [--no-systemd] COMMAND [ARGS...]
 
-Commands:
+Setting up and trying out (this project's .venv):
   setup        create .venv (Python >= 3.11) and install requirements.txt + the project (editable)
   test [ARGS]  setup, install requirements-dev.txt, then run pytest from the project root;
                ARGS are passed to pytest
@@ -41,22 +68,43 @@ Commands:
                in the foreground with console logs; Ctrl-C stops both
                (DEMO_USERS=25 DEMO_BACKEND_PORT=8000 DEMO_LATENCY_MS=100 DEMO_INTERVAL_SECONDS=30
                 DEMO_STALE_AFTER_SECONDS=60; DEMO_ONCE=1 runs a single cycle and exits)
-  start        start the daemon detached (log: var/log/background-sync.log,
-               PID file: var/run/background-sync.pid)
-  stop         stop the daemon: SIGTERM, then SIGKILL after STOP_TIMEOUT seconds (default 30)
+
+Installing as a systemd service (root; docs/operations.md):
+  install [--token-file PATH] [--env-file PATH]
+               copy the code to $PREFIX with its own virtualenv (system python3 >= 3.11,
+               or PYTHON=...; WHEELHOUSE=DIR installs offline from DIR), the unit to
+               $UNIT_FILE, the settings to $ENV_FILE (kept if present, replaced by
+               --env-file), the backend token to $TOKEN_FILE (kept if present, replaced by
+               --token-file); run the migrations as the service's user; enable the unit.
+               Does not start a stopped service; restarts a running one if anything changed.
+  uninstall [--purge]
+               stop and disable the service, remove the unit and $PREFIX; --purge also
+               removes $CONF_DIR and the state directory (the SQLite database)
+  wheelhouse DIR
+               download the wheels an offline install needs into DIR (network needed)
+
+Running the daemon (systemd mode when the unit is installed and systemd runs, else self-managed):
+  start        systemd: systemctl start (waits for READY=1); self-managed: start it detached
+               (log: var/log/background-sync.log, PID file: var/run/background-sync.pid)
+  stop         systemd: systemctl stop; self-managed: SIGTERM, then SIGKILL after STOP_TIMEOUT
+               seconds (default 30)
   restart      stop, then start
-  status       exit 0 running, 1 dead but PID file exists, 3 stopped
-  logs         print the last LINES (default 100) lines of the daemon log
-  logs-follow  follow the daemon log (tail -F)
+  reload       systemd only: re-read $ENV_FILE (SIGHUP)
+  status       exit 0 running, 1 failed or dead (PID file exists), 3 stopped
+  logs         print the last LINES (default 100) lines of the daemon log (systemd: the journal)
+  logs-follow  follow the daemon log
   force        make the running daemon start a sync cycle now (SIGUSR1)
+  pause        persistently stop every instance from claiming users (survives restarts)
+  resume       undo pause
   help         show this help
 
 Options:
-  --no-systemd accepted for compatibility; this version always manages the daemon itself
+  --no-systemd self-managed mode even where the systemd unit is installed
 
-Environment: SYNC_DATABASE_URL (default sqlite:///\$ROOT/var/background-sync.db), SYNC_BACKEND_URL,
-SYNC_LOG_FORMAT (json for the log file unless set), SYNC_INTERVAL_SECONDS, SYNC_STATUS_ADDRESS, ...;
-PYTHON (default python3) for setup; START_WAIT_SECONDS (default 5) for start.
+Environment (self-managed): SYNC_DATABASE_URL (default sqlite:///\$ROOT/var/background-sync.db),
+SYNC_BACKEND_URL, SYNC_LOG_FORMAT (json for the log file unless set), SYNC_INTERVAL_SECONDS,
+SYNC_STATUS_ADDRESS, ...; PYTHON (default python3) for setup; START_WAIT_SECONDS (default 5) for
+start. In systemd mode the settings are in $ENV_FILE.
 EOF
 }
 
@@ -463,20 +511,38 @@ selfmanaged_force() {
     info "sent SIGUSR1 to background-sync (pid $pid): a sync cycle starts now"
 }
 
-cmd_logs() {
+selfmanaged_reload() {
+    die "reload needs the systemd unit (the self-managed daemon reads no env file): use restart"
+}
+
+selfmanaged_logs() {
     local lines=${LINES:-100}
     require_int LINES "$lines"
     [[ -f $LOGFILE ]] || die "no log yet: $LOGFILE does not exist (start the daemon first)"
     tail -n "$lines" -- "$LOGFILE"
 }
 
-cmd_logs_follow() {
+selfmanaged_logs_follow() {
     local lines=${LINES:-100}
     require_int LINES "$lines"
     [[ -f $LOGFILE ]] || warn "no log yet: waiting for $LOGFILE to appear"
     exec tail -n "$lines" -F -- "$LOGFILE"
 }
 
+# pause/resume: a flag in the database, obeyed by every instance that shares it.
+selfmanaged_pause() {
+    require_installed
+    export_database_default
+    "$BIN" pause || die "'background-sync pause' failed (exit status $?)"
+}
+
+selfmanaged_resume() {
+    require_installed
+    export_database_default
+    "$BIN" resume || die "'background-sync resume' failed (exit status $?)"
+}
+
+@@SYSTEMD@@
 # ----------------------------------------------------------------------------- main
 
 main() {

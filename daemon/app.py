@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -124,43 +124,36 @@ class App:
     # -- public entry points ---------------------------------------------------------
 
     async def run_forever(self) -> int:
+        """`background-sync run`: cycles on schedule until stopped."""
+        return await self._run(self._serve)
+
+    async def run_once(self) -> int:
+        """`once`: one cycle, then exit: 0 if every due user synced, 1 if any failed."""
+        return await self._run(self._one_cycle)
+
+    async def _run(self, body: Callable[[], Awaitable[int]]) -> int:
         # Signals first: a SIGTERM or SIGHUP while waiting for the database must be heard.
         with self._signals():
             try:
                 async with self._resources():
-                    return await self._serve()
+                    return await body()
             except _StoppedEarly:
                 return EX_OK
             except ConfigError as exc:
-                return self._config_error(exc)
+                self._log.error("config_error", error=str(exc))
+                print(f"background-sync: {exc}", file=sys.stderr)  # as for a bad setting
+                return EX_CONFIG
             except StoreError as exc:
                 self._log.error("database_unavailable_at_start", error=str(exc))
                 return EX_UNAVAILABLE
             finally:
                 self._notifier.close()
 
-    def _config_error(self, exc: ConfigError) -> int:
-        """One line on stderr, as for a bad setting, and the same line in the log."""
-        self._log.error("config_error", error=str(exc))
-        print(f"background-sync: {exc}", file=sys.stderr)
-        return EX_CONFIG
-
-    async def run_once(self) -> int:
-        """One cycle, then exit: 0 if every due user synced, 1 if any failed."""
-        with self._signals():
-            try:
-                async with self._resources():
-                    report = await self._start_cycle("once")
-                    if report.outcome == "crashed":
-                        return EX_TEMPFAIL
-                    return EX_OK if report.outcome == "succeeded" else EX_FAILED
-            except _StoppedEarly:
-                return EX_OK
-            except ConfigError as exc:
-                return self._config_error(exc)
-            except StoreError as exc:
-                self._log.error("database_unavailable_at_start", error=str(exc))
-                return EX_UNAVAILABLE
+    async def _one_cycle(self) -> int:
+        report = await self._start_cycle("once")
+        if report.outcome == "crashed":
+            return EX_TEMPFAIL
+        return EX_OK if report.outcome == "succeeded" else EX_FAILED
 
     def stop(self, reason: str) -> None:
         """Ask the daemon to finish; idempotent, only sets events."""
