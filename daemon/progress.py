@@ -12,10 +12,29 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 STALL_GRACE_SECONDS = 5.0
+
+
+class _Bounded:
+    """One registered wait; a plain class because it sits on every backend call."""
+
+    __slots__ = ("_progress", "_seconds", "_token", "_what")
+
+    def __init__(self, progress: Progress, seconds: float, what: str) -> None:
+        self._progress = progress
+        self._seconds = seconds
+        self._what = what
+        self._token = 0
+
+    def __enter__(self) -> None:
+        progress = self._progress
+        self._token = next(progress._ids)
+        progress._deadlines[self._token] = (progress.clock() + self._seconds, self._what)
+
+    def __exit__(self, *exc_info: object) -> None:
+        del self._progress._deadlines[self._token]
 
 
 @dataclass
@@ -32,15 +51,9 @@ class Progress:
     _deadlines: dict[int, tuple[float, str]] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=itertools.count)
 
-    @contextmanager
-    def bounded(self, seconds: float, what: str) -> Iterator[None]:
-        """Declare that the enclosed wait ends within `seconds`."""
-        token = next(self._ids)
-        self._deadlines[token] = (self.clock() + seconds, what)
-        try:
-            yield
-        finally:
-            del self._deadlines[token]
+    def bounded(self, seconds: float, what: str) -> _Bounded:
+        """Declare that the enclosed wait ends within `seconds` (a context manager)."""
+        return _Bounded(self, seconds, what)
 
     def overdue(self, grace: float = STALL_GRACE_SECONDS) -> str | None:
         """The first wait that overran its bound by more than `grace`, or None."""

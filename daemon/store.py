@@ -362,9 +362,11 @@ class Store:
             current = {
                 key: (token, failures)
                 for key, token, failures in session.execute(
-                    select(s.user_key, s.lease_token, s.consecutive_failures).where(
-                        s.user_key.in_([r.claim.key for r in results])
-                    )
+                    select(s.user_key, s.lease_token, s.consecutive_failures)
+                    .where(s.user_key.in_([r.claim.key for r in results]))
+                    # PostgreSQL: hold the rows, so no takeover lands between this read
+                    # and the fenced writes below (SQLite's BEGIN IMMEDIATE already does).
+                    .with_for_update()
                 )
             }
             held = [r for r in results if current.get(r.claim.key, (None, 0))[0] == r.claim.token]
