@@ -161,11 +161,12 @@ class Cycle:
         stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
         all_done = asyncio.gather(claimer, *workers)
         try:
-            watched: list[asyncio.Future[Any]] = [all_done, stop_wait, recorder, heartbeat]
+            side_tasks = (recorder, heartbeat, takeover)
+            watched: list[asyncio.Future[Any]] = [all_done, stop_wait, *side_tasks]
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             if all_done.done() and not all_done.cancelled() and all_done.exception():
                 raise all_done.exception()  # type: ignore[misc]  # a caller died: a bug
-            for side_task in (recorder, heartbeat):
+            for side_task in side_tasks:
                 if side_task.done():  # they loop until told to stop: ending is a bug
                     side_task.result()
                     raise RuntimeError(f"{side_task.get_name()} ended unexpectedly")
