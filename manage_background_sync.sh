@@ -46,8 +46,8 @@ UNIT_FILE=${BACKGROUND_SYNC_UNIT_FILE:-/etc/systemd/system/$SERVICE.service}
 NO_TOKEN_DROPIN="$UNIT_FILE.d/10-no-backend-token.conf"
 # What `install` copies to $PREFIX (the code runs from the venv; the copy is for reference).
 INSTALL_ITEMS=(daemon pyproject.toml requirements.txt README.md docs systemd manage_background_sync.sh)
-# The build backend for `pip install --no-build-isolation` (setuptools >= 70.1 needs no `wheel`).
-BUILD_REQUIREMENT='setuptools>=70.1'
+# The build backend (pyproject.toml), for `wheelhouse`.
+BUILD_REQUIREMENT='setuptools>=68'
 
 MODE=selfmanaged   # or systemd: see select_mode
 FORCE_SELFMANAGED=0 # --no-systemd
@@ -542,13 +542,630 @@ selfmanaged_resume() {
     "$BIN" resume || die "'background-sync resume' failed (exit status $?)"
 }
 
-@@SYSTEMD@@
+# ----------------------------------------------------------------------------- mode
+
+systemd_running() { [[ -d $SYSTEMD_DIR ]]; }
+unit_installed() { [[ -f $UNIT_FILE ]]; }
+
+# select_mode: systemd when systemd runs and the unit is installed, unless --no-systemd.
+select_mode() {
+    if ((FORCE_SELFMANAGED)); then
+        MODE=selfmanaged
+    elif systemd_running && unit_installed; then
+        MODE=systemd
+    else
+        MODE=selfmanaged
+    fi
+}
+
+cmd_mode() {
+    select_mode
+    if [[ $MODE == systemd ]]; then
+        info "systemd (systemd runs and $UNIT_FILE is installed)"
+    elif ((FORCE_SELFMANAGED)); then
+        info "self-managed (--no-systemd)"
+    elif ! systemd_running; then
+        info "self-managed (systemd is not running: $SYSTEMD_DIR does not exist)"
+    else
+        info "self-managed ($UNIT_FILE is not installed: sudo ./$PROG install)"
+    fi
+}
+
+usage_error() {
+    warn "$*"
+    usage >&2
+    exit 2
+}
+
+require_root() {
+    [[ $(id -u) == 0 ]] || die "$1 must run as root (sudo ./$PROG $1 ...)"
+}
+
+need_command() {
+    command -v -- "$1" >/dev/null 2>&1 || die "$1 not found: $2"
+}
+
+# ----------------------------------------------------------------------------- systemd lifecycle
+
+# unit_prop PROPERTY: the unit's property value (empty if systemd cannot tell).
+unit_prop() {
+    systemctl show --property="$1" --value -- "$SERVICE.service" 2>/dev/null || true
+}
+
+# describe_unit: "pid 123: idle, next cycle in 290 s" for messages.
+describe_unit() {
+    local pid text
+    pid=$(unit_prop MainPID)
+    text=$(unit_prop StatusText)
+    printf 'pid %s%s\n' "${pid:-?}" "${text:+: $text}"
+}
+
+warn_selfmanaged_running() {
+    local pid
+    if pid=$(running_pid); then
+        warn "note: a self-managed daemon from $ROOT is also running (pid $pid): stop it with '$PROG --no-systemd stop'"
+    fi
+}
+
+# explain_failure SINCE_EPOCH: why the service did not start, and its log since then.
+explain_failure() {
+    local since=$1 result status
+    result=$(unit_prop Result)
+    status=$(unit_prop ExecMainStatus)
+    warn "background-sync is not running (result: ${result:-?}, exit status: ${status:-?})"
+    case $status in
+    78) warn "exit status 78: a bad setting (the line below names it); fix $ENV_FILE and start again" ;;
+    69) warn "exit status 69: the database was unreachable for 60 s; systemd retries (RestartSec=5)" ;;
+    75) warn "exit status 75: the database stayed away longer than SYNC_DATABASE_OUTAGE_SECONDS" ;;
+    243) warn "exit status 243 (CREDENTIALS): $TOKEN_FILE is missing or unreadable; re-run 'sudo ./$PROG install' (with --token-file PATH)" ;;
+    esac
+    warn "last lines of its log (journalctl -u $SERVICE -o cat):"
+    journalctl -u "$SERVICE.service" -o cat --no-pager -n 20 --since "@$since" >&2 || true
+}
+
+systemd_start() {
+    warn_selfmanaged_running
+    if systemctl is-active --quiet -- "$SERVICE.service"; then
+        info "background-sync is already running ($(describe_unit)); not starting another"
+        return 0
+    fi
+    local since
+    since=$(date +%s)
+    info "starting background-sync (systemctl start: waits until the daemon is ready)..."
+    if ! systemctl start -- "$SERVICE.service"; then
+        explain_failure "$since"
+        exit 1
+    fi
+    info "started background-sync ($(describe_unit)); logs: $PROG logs-follow"
+}
+
+systemd_stop() {
+    local state
+    state=$(unit_prop ActiveState)
+    case $state in
+    inactive | failed | "")
+        info "background-sync is not running${state:+ ($state)}"
+        return 0
+        ;;
+    esac
+    local started
+    started=$(now_ms)
+    info "stopping background-sync (systemctl stop: in-flight calls get SYNC_SHUTDOWN_GRACE_SECONDS)..."
+    systemctl stop -- "$SERVICE.service" || die "systemctl stop $SERVICE failed"
+    info "stopped background-sync in $(format_ms $(($(now_ms) - started)))"
+}
+
+systemd_restart() {
+    warn_selfmanaged_running
+    local since
+    since=$(date +%s)
+    info "restarting background-sync (systemctl restart: drains, then waits until ready)..."
+    if ! systemctl restart -- "$SERVICE.service"; then
+        explain_failure "$since"
+        exit 1
+    fi
+    info "restarted background-sync ($(describe_unit))"
+}
+
+# reload: validate the env file first (a rejected file would change nothing anyway), then SIGHUP
+# and report what the daemon logged about it.
+systemd_reload() {
+    systemctl is-active --quiet -- "$SERVICE.service" || die "background-sync is not running: nothing to reload (start it)"
+    if [[ -x $SERVICE_PYTHON && -r $ENV_FILE ]]; then
+        service_check_config "$ENV_FILE" ||
+            die "$ENV_FILE is invalid (above): not reloading; the daemon keeps its current settings"
+    fi
+    local since
+    since=$(date +%s)
+    systemctl reload -- "$SERVICE.service" || die "systemctl reload $SERVICE failed"
+    local deadline line=""
+    deadline=$(($(now_ms) + 5000))
+    while (($(now_ms) < deadline)); do
+        line=$(journalctl -u "$SERVICE.service" -o cat --no-pager --since "@$since" 2>/dev/null |
+            grep -E '"event": ?"(config_reloaded|reload_rejected|reload_needs_restart)"' | tail -n 1) || true
+        [[ -n $line ]] && break
+        sleep 0.2
+    done
+    info "reloaded background-sync ($(describe_unit))"
+    [[ -n $line ]] && info "$line"
+    return 0
+}
+
+systemd_status() {
+    local state sub rc
+    state=$(unit_prop ActiveState)
+    sub=$(unit_prop SubState)
+    case $state in
+    active | reloading | deactivating) rc=0 ;;
+    activating) if [[ $sub == auto-restart ]]; then rc=1; else rc=0; fi ;;
+    failed) rc=1 ;;
+    *) rc=3 ;;
+    esac
+    case $rc in
+    0) info "background-sync is running under systemd ($(describe_unit))" ;;
+    1) info "background-sync has failed under systemd ($state/$sub, result: $(unit_prop Result))" ;;
+    *) info "background-sync is stopped (systemd unit ${state:-unknown})" ;;
+    esac
+    systemctl status --no-pager -- "$SERVICE.service" || true
+    if ((rc == 0)) && [[ $(id -u) == 0 && -x $SERVICE_PYTHON ]]; then
+        echo
+        timeout 30 service_cli status || true
+    fi
+    exit "$rc"
+}
+
+systemd_logs() {
+    local lines=${LINES:-100}
+    require_int LINES "$lines"
+    exec journalctl -u "$SERVICE.service" -o cat --no-pager -n "$lines"
+}
+
+systemd_logs_follow() {
+    local lines=${LINES:-100}
+    require_int LINES "$lines"
+    exec journalctl -u "$SERVICE.service" -o cat -n "$lines" -f
+}
+
+systemd_force() {
+    systemctl is-active --quiet -- "$SERVICE.service" || die "background-sync is not running: nothing to force"
+    # --kill-who (spelled --kill-whom since systemd 252, which still accepts this) = main: not ExecReload.
+    systemctl kill --signal=USR1 --kill-who=main -- "$SERVICE.service"
+    info "sent SIGUSR1 to background-sync ($(describe_unit)): a sync cycle starts now"
+}
+
+systemd_pause() {
+    require_root pause
+    service_cli pause || die "'background-sync pause' failed (exit status $?)"
+}
+
+systemd_resume() {
+    require_root resume
+    service_cli resume || die "'background-sync resume' failed (exit status $?)"
+}
+
+# service_cli ARGS...: `python -m daemon ARGS --env-file ENV_FILE` as the service runs it: the same
+# dynamic user (User= makes it share the service's UID, so the running daemon keeps owning its
+# state directory), state directory, env file and umask. Exit status: the command's.
+service_cli() {
+    [[ -x $SERVICE_PYTHON ]] || die "$SERVICE_PYTHON is missing: run 'sudo ./$PROG install'"
+    need_command systemd-run "it comes with systemd"
+    local operator=${SUDO_USER:-}
+    [[ -n $operator ]] || operator=$(id -un 2>/dev/null) || operator=root
+    # LOGNAME: `status` shows who paused; the daemon takes it from getpass.getuser().
+    systemd-run --quiet --wait --pipe --collect \
+        --property=DynamicUser=yes --property=User="$SERVICE" \
+        --property=StateDirectory="$SERVICE" --property=StateDirectoryMode=0700 \
+        --property=UMask=0077 --property=EnvironmentFile=-"$ENV_FILE" \
+        --property=PrivateTmp=yes --property=ProtectSystem=strict --property=ProtectHome=yes \
+        --setenv=PYTHONDONTWRITEBYTECODE=1 --setenv=LOGNAME="$operator" \
+        -- "$SERVICE_PYTHON" -m daemon "$@" --env-file "$ENV_FILE"
+}
+
+# service_check_config FILE: the settings in FILE are valid for the installed code (one line on
+# stderr naming the variable otherwise). Runs as root, without touching the database.
+service_check_config() {
+    (cd / && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin STATE_DIRECTORY=/var/lib/$SERVICE \
+        "$SERVICE_PYTHON" -m daemon check-config --env-file "$1" >/dev/null)
+}
+
+# ----------------------------------------------------------------------------- install / uninstall
+
+# install_python: the interpreter for the service's virtualenv, on stdout.
+install_python() {
+    local python=${PYTHON:-} version base
+    if [[ -z $python ]]; then
+        python=python3
+        [[ -x /usr/bin/python3 ]] && python=/usr/bin/python3
+    fi
+    command -v -- "$python" >/dev/null 2>&1 ||
+        die "Python interpreter '$python' not found: apt-get install python3 python3-venv (>= $MIN_PYTHON_MAJOR.$MIN_PYTHON_MINOR), or set PYTHON=/path/to/python3.11"
+    version=$(python_version "$python") || die "'$python' does not run as a Python interpreter (set PYTHON=/path/to/python3.11)"
+    python_is_recent "$version" ||
+        die "'$python' is Python $version; background-sync needs Python >= $MIN_PYTHON_MAJOR.$MIN_PYTHON_MINOR (set PYTHON=/path/to/python3.11)"
+    base=$("$python" -c 'import sys; print(sys.base_prefix)') || die "'$python' does not run"
+    case $base/ in
+    /home/* | /root/* | /run/user/*)
+        die "'$python' is installed under $base, which the service cannot see (ProtectHome=yes): use a system python3 (apt-get install python3 python3-venv) or PYTHON=/usr/local/bin/python3.11"
+        ;;
+    esac
+    printf '%s\n' "$python"
+}
+
+# python_identity PYTHON: "VERSION BASE_PREFIX", to tell whether a venv was made from PYTHON.
+python_identity() {
+    "$1" -c 'import sys, platform; print(platform.python_version(), sys.base_prefix)' 2>/dev/null
+}
+
+# check_token_file PATH: exactly one non-empty line, as the daemon requires.
+check_token_file() {
+    local path=$1 text
+    [[ -f $path && -r $path ]] || die "--token-file $path: not a readable file"
+    text=$(<"$path")
+    text=${text#"${text%%[![:space:]]*}"}
+    text=${text%"${text##*[![:space:]]}"}
+    [[ -n $text ]] || die "--token-file $path is empty"
+    [[ $text != *$'\n'* && $text != *$'\r'* ]] || die "--token-file $path must hold the token on one line"
+}
+
+# put_file SOURCE DEST MODE: install SOURCE as DEST (root-owned, MODE) by rename, unless DEST
+# already has that content; then only owner and mode are set. Prints "changed" or "unchanged".
+put_file() {
+    local source=$1 dest=$2 mode=$3
+    if [[ -f $dest ]] && cmp -s -- "$source" "$dest"; then
+        chown root:root -- "$dest"
+        chmod "$mode" -- "$dest"
+        echo unchanged
+        return 0
+    fi
+    install -m "$mode" -o root -g root -- "$source" "$dest.tmp.$$"
+    mv -f -- "$dest.tmp.$$" "$dest"
+    echo changed
+}
+
+# matching_wheel DIR SRC: print the background_sync wheel in DIR whose package is exactly SRC's
+# daemon/ (every module of SRC, byte for byte, and nothing else); fail if there is none.
+matching_wheel() {
+    "$SERVICE_PYTHON" - "$1" "$2" <<'PY'
+import pathlib, sys, zipfile
+
+house, src = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+want = {
+    p.relative_to(src).as_posix(): p.read_bytes()
+    for p in (src / "daemon").rglob("*")
+    if p.is_file() and "__pycache__" not in p.parts
+}
+modules = {name for name in want if name.endswith(".py")}
+for wheel in sorted(house.glob("background_sync-*.whl")):
+    with zipfile.ZipFile(wheel) as archive:
+        got = {
+            name: archive.read(name)
+            for name in archive.namelist()
+            if name.startswith("daemon/") and not name.endswith("/")
+        }
+    if modules <= got.keys() and all(want.get(name) == data for name, data in got.items()):
+        print(wheel)
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+
+INSTALL_STAGE=""
+install_cleanup() {
+    if [[ -n $INSTALL_STAGE && -d $INSTALL_STAGE ]]; then
+        rm -rf -- "$INSTALL_STAGE"
+    fi
+}
+
+cmd_install() {
+    local token_src="" env_src=""
+    while (($# > 0)); do
+        case $1 in
+        --token-file | --env-file)
+            [[ $# -ge 2 && -n $2 ]] || usage_error "install: $1 needs a PATH"
+            if [[ $1 == --token-file ]]; then token_src=$2; else env_src=$2; fi
+            shift 2
+            ;;
+        --token-file=* | --env-file=*)
+            [[ -n ${1#*=} ]] || usage_error "install: ${1%%=*} needs a PATH"
+            if [[ $1 == --token-file=* ]]; then token_src=${1#*=}; else env_src=${1#*=}; fi
+            shift
+            ;;
+        *) usage_error "install: unknown argument: $1" ;;
+        esac
+    done
+    ((!FORCE_SELFMANAGED)) || usage_error "install sets up the systemd service: --no-systemd makes no sense with it"
+    require_root install
+    systemd_running || die "systemd is not running on this host ($SYSTEMD_DIR does not exist): install needs it; without systemd use '$PROG start'"
+    need_command systemctl "install needs systemd"
+    need_command systemd-run "install needs systemd"
+    [[ -f $UNIT_SOURCE && -f $ENV_EXAMPLE ]] || die "$UNIT_SOURCE or $ENV_EXAMPLE is missing"
+    [[ -z $token_src ]] || check_token_file "$token_src"
+    [[ -z $env_src || (-f $env_src && -r $env_src) ]] || die "--env-file $env_src: not a readable file"
+    local pip_source=()
+    if [[ -n ${WHEELHOUSE:-} ]]; then
+        [[ -d $WHEELHOUSE ]] || die "WHEELHOUSE=$WHEELHOUSE is not a directory"
+        pip_source=(--no-index --find-links "$(readlink -f -- "$WHEELHOUSE")")
+    fi
+    umask 0022 # the service's dynamic user must read the code and the venv
+    exec 7>>"/run/$SERVICE-install.lock"
+    flock -w 600 7 || die "another install is still running (lock /run/$SERVICE-install.lock)"
+
+    local python identity
+    python=$(install_python)
+    identity=$(python_identity "$python")
+
+    # 1. Stage the code next to its destination (same file system: the swap is a rename).
+    mkdir -p -- "$PREFIX"
+    chmod 0755 -- "$PREFIX"
+    INSTALL_STAGE=$(mktemp -d "$PREFIX/.stage.XXXXXX")
+    trap install_cleanup EXIT
+    local item
+    for item in "${INSTALL_ITEMS[@]}"; do
+        [[ -e $ROOT/$item ]] || die "$ROOT/$item is missing"
+        cp -a -- "$ROOT/$item" "$INSTALL_STAGE/$item"
+    done
+    find "$INSTALL_STAGE" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf -- {} +
+    chown -R root:root -- "$INSTALL_STAGE"
+    chmod -R u=rwX,go=rX -- "$INSTALL_STAGE"
+    local stamp_file="$PREFIX/.venv/.background-sync-install.sha256" want have=""
+    want=$({
+        printf '%s\n' "$identity"
+        (cd "$INSTALL_STAGE" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+    } | sha256sum | cut -d' ' -f1)
+    [[ -f $stamp_file ]] && IFS= read -r have <"$stamp_file"
+    local venv_ok=0
+    if [[ -x $SERVICE_PYTHON ]] && [[ $(python_identity "$SERVICE_PYTHON") == "$identity" ]]; then
+        venv_ok=1
+    fi
+    local code_changed=0
+    ((venv_ok)) && [[ $want == "$have" ]] || code_changed=1
+
+    local was_active=0 stopped=0
+    systemctl is-active --quiet -- "$SERVICE.service" && was_active=1
+    if ((code_changed && was_active)); then
+        info "install: stopping background-sync for the upgrade (it is started again at the end)"
+        systemctl stop -- "$SERVICE.service"
+        stopped=1
+    fi
+
+    # 2. The virtualenv and the code.
+    if ((code_changed)); then
+        if ((!venv_ok)); then
+            [[ ! -e $PREFIX/.venv ]] || info "install: recreating $PREFIX/.venv for $python ($identity)"
+            rm -rf -- "$PREFIX/.venv"
+            info "install: creating $PREFIX/.venv with $python (Python ${identity%% *})"
+            "$python" -m venv "$PREFIX/.venv" ||
+                die "could not create $PREFIX/.venv with '$python' (on Debian/Ubuntu: apt-get install python3-venv)"
+        fi
+        info "install: installing requirements.txt and background-sync into $PREFIX/.venv${WHEELHOUSE:+ (offline, from $WHEELHOUSE)}"
+        local pip=(env PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INPUT=1
+            "$SERVICE_PYTHON" -m pip install --quiet "${pip_source[@]}")
+        "${pip[@]}" -r "$INSTALL_STAGE/requirements.txt" ||
+            die "pip could not install requirements.txt${WHEELHOUSE:+ from $WHEELHOUSE (see: $PROG wheelhouse)}"
+        # Not editable: the package is copied into the venv. From the wheelhouse's wheel of
+        # this very code if there is one, else built here (the build needs setuptools>=68, from
+        # the index or the wheelhouse).
+        local wheel=""
+        if [[ -n ${WHEELHOUSE:-} ]]; then
+            wheel=$(matching_wheel "$WHEELHOUSE" "$INSTALL_STAGE") || wheel=""
+        fi
+        if [[ -n $wheel ]]; then
+            "${pip[@]}" --no-deps --force-reinstall "$wheel" || die "pip could not install $wheel"
+        else
+            "${pip[@]}" --no-deps --force-reinstall "$INSTALL_STAGE" ||
+                die "pip could not build background-sync${WHEELHOUSE:+: $WHEELHOUSE needs setuptools or a wheel of this code (see: $PROG wheelhouse)}"
+            rm -rf -- "$INSTALL_STAGE/build"
+            find "$INSTALL_STAGE" -maxdepth 1 -name '*.egg-info' -exec rm -rf -- {} +
+        fi
+        (cd / && "$SERVICE_PYTHON" -c 'import daemon.cli, daemon.app') ||
+            die "the installed background-sync does not import (above)"
+        for item in "${INSTALL_ITEMS[@]}"; do
+            rm -rf -- "$PREFIX/.old-$item"
+            if [[ -e $PREFIX/$item || -L $PREFIX/$item ]]; then
+                mv -T -- "$PREFIX/$item" "$PREFIX/.old-$item"
+            fi
+            mv -T -- "$INSTALL_STAGE/$item" "$PREFIX/$item"
+            rm -rf -- "$PREFIX/.old-$item"
+        done
+        chmod -R go+rX -- "$PREFIX/.venv"
+        printf '%s\n' "$want" >"$stamp_file"
+        info "install: code and virtualenv installed in $PREFIX"
+    else
+        info "install: code and virtualenv in $PREFIX are up to date"
+    fi
+    install_cleanup
+    INSTALL_STAGE=""
+
+    # 3. Configuration: kept unless a new file is given.
+    local config_changed=0 result
+    install -d -m 0755 -o root -g root -- "$CONF_DIR"
+    if [[ -n $env_src ]]; then
+        service_check_config "$env_src" || die "--env-file $env_src is invalid (above): $ENV_FILE not changed"
+        local backup=""
+        if [[ -f $ENV_FILE ]] && ! cmp -s -- "$env_src" "$ENV_FILE"; then
+            cp -p -- "$ENV_FILE" "$ENV_FILE.bak"
+            backup="; the previous one is $ENV_FILE.bak"
+        fi
+        result=$(put_file "$env_src" "$ENV_FILE" 0644)
+        [[ $result == unchanged ]] || config_changed=1
+        info "install: $ENV_FILE $result (from $env_src$backup)"
+    elif [[ ! -e $ENV_FILE ]]; then
+        put_file "$ENV_EXAMPLE" "$ENV_FILE" 0644 >/dev/null
+        config_changed=1
+        info "install: $ENV_FILE created from the example (every setting at its default)"
+    else
+        info "install: $ENV_FILE kept"
+        service_check_config "$ENV_FILE" || warn "$ENV_FILE is invalid (above): the service will exit 78 until it is fixed"
+    fi
+    local perms
+    perms=$(stat -c %a -- "$ENV_FILE")
+    if (((8#$perms & 8#004) == 0)); then
+        warn "$ENV_FILE has mode $perms: the service's dynamic user cannot read it (run --env-file) and exits 78; chmod 0644 it and keep secrets in credentials (docs/operations.md)"
+    fi
+    if [[ -n $token_src ]]; then
+        result=$(put_file "$token_src" "$TOKEN_FILE" 0600)
+        [[ $result == unchanged ]] || config_changed=1
+        info "install: $TOKEN_FILE $result (credential backend-token, mode 0600)"
+    elif [[ -f $TOKEN_FILE ]]; then
+        chown root:root -- "$TOKEN_FILE"
+        chmod 0600 -- "$TOKEN_FILE"
+        info "install: $TOKEN_FILE kept"
+    else
+        info "install: no backend token ($TOKEN_FILE is absent): requests carry no Authorization header"
+    fi
+
+    # 4. The unit, and the drop-in that drops LoadCredential= while there is no token file.
+    install -d -m 0755 -- "$(dirname -- "$UNIT_FILE")"
+    result=$(put_file "$UNIT_SOURCE" "$UNIT_FILE" 0644)
+    [[ $result == unchanged ]] || config_changed=1
+    info "install: $UNIT_FILE $result"
+    if [[ -f $TOKEN_FILE ]]; then
+        if [[ -e $NO_TOKEN_DROPIN ]]; then
+            rm -f -- "$NO_TOKEN_DROPIN"
+            rmdir -- "$UNIT_FILE.d" 2>/dev/null || true
+            config_changed=1
+            info "install: removed $NO_TOKEN_DROPIN (the token is loaded again)"
+        fi
+    else
+        local dropin
+        dropin=$(mktemp)
+        cat >"$dropin" <<DROPIN
+# Written by manage_background_sync.sh install because $TOKEN_FILE does not exist:
+# LoadCredential= fails the start when its file is missing, so it is reset here.
+# \`sudo ./manage_background_sync.sh install --token-file PATH\` installs a token and removes this file.
+[Service]
+LoadCredential=
+DROPIN
+        install -d -m 0755 -- "$UNIT_FILE.d"
+        result=$(put_file "$dropin" "$NO_TOKEN_DROPIN" 0644)
+        rm -f -- "$dropin"
+        [[ $result == unchanged ]] || config_changed=1
+        info "install: $NO_TOKEN_DROPIN $result"
+    fi
+    systemctl daemon-reload
+
+    # 5. Migrations, as the service's user with its state directory and settings.
+    info "install: running the migrations (background-sync migrate, as the service's dynamic user)"
+    local rc=0
+    service_cli migrate || rc=$?
+    if ((rc != 0)); then
+        ((stopped)) && warn "background-sync was stopped for the upgrade and stays stopped until this is fixed"
+        die "the migrations failed (exit status $rc): fix the database settings in $ENV_FILE, then run install again"
+    fi
+
+    systemctl enable --quiet -- "$SERVICE.service"
+    info "install: $SERVICE.service enabled (starts at boot)"
+
+    # 6. Leave the service as it was: running again if it ran, stopped otherwise.
+    local since
+    since=$(date +%s)
+    if ((stopped)); then
+        info "install: starting background-sync again"
+        systemctl start -- "$SERVICE.service" || {
+            explain_failure "$since"
+            exit 1
+        }
+        info "install: background-sync is running the new version ($(describe_unit))"
+    elif ((was_active && config_changed)); then
+        info "install: restarting background-sync for the new configuration"
+        systemctl restart -- "$SERVICE.service" || {
+            explain_failure "$since"
+            exit 1
+        }
+        info "install: background-sync restarted ($(describe_unit))"
+    elif ((was_active)); then
+        info "install: nothing changed; background-sync keeps running ($(describe_unit))"
+    else
+        cat <<EOF
+
+background-sync is installed but not started. Next:
+  edit the settings:  $ENV_FILE
+  start it:           sudo systemctl start $SERVICE   (or: sudo ./$PROG start)
+  follow its log:     journalctl -u $SERVICE -o cat -f
+EOF
+    fi
+}
+
+cmd_uninstall() {
+    local purge=0
+    while (($# > 0)); do
+        case $1 in
+        --purge) purge=1 ;;
+        *) usage_error "uninstall: unknown argument: $1" ;;
+        esac
+        shift
+    done
+    require_root uninstall
+    if systemd_running && command -v systemctl >/dev/null 2>&1; then
+        if [[ -n $(unit_prop FragmentPath) ]] || unit_installed; then
+            info "uninstall: stopping and disabling $SERVICE.service"
+            systemctl disable --now --quiet -- "$SERVICE.service" 2>/dev/null || true
+            if systemctl is-active --quiet -- "$SERVICE.service"; then
+                die "$SERVICE.service is still running: stop it (systemctl stop $SERVICE) and run uninstall again"
+            fi
+        fi
+    fi
+    rm -f -- "$UNIT_FILE" "$NO_TOKEN_DROPIN"
+    if ((purge)); then
+        rm -rf -- "$UNIT_FILE.d"
+    else
+        rmdir -- "$UNIT_FILE.d" 2>/dev/null || true
+    fi
+    rm -rf -- "$PREFIX"
+    if systemd_running && command -v systemctl >/dev/null 2>&1; then
+        systemctl daemon-reload
+        systemctl reset-failed -- "$SERVICE.service" 2>/dev/null || true
+    fi
+    info "uninstall: removed $UNIT_FILE and $PREFIX"
+    if ((purge)); then
+        rm -rf -- "$CONF_DIR" "${STATE_DIRS[@]}"
+        info "uninstall: purged $CONF_DIR and ${STATE_DIRS[*]} (settings, token, SQLite database)"
+    else
+        info "uninstall: kept $CONF_DIR (settings, token) and ${STATE_DIRS[0]} (the SQLite database); 'uninstall --purge' removes them"
+    fi
+}
+
+# wheelhouse DIR: the wheels `WHEELHOUSE=DIR install` needs (requirements.txt, the build backend
+# and a wheel of this checkout), for the interpreter install would use. Needs the index.
+WHEELHOUSE_TMP=""
+cmd_wheelhouse() {
+    [[ $# -eq 1 && -n ${1:-} ]] || usage_error "wheelhouse needs a DIR"
+    local dir=$1 python pip_python item
+    python=$(install_python)
+    mkdir -p -- "$dir"
+    WHEELHOUSE_TMP=$(mktemp -d)
+    trap 'rm -rf -- "$WHEELHOUSE_TMP"' EXIT
+    pip_python=$python
+    if ! "$python" -m pip --version >/dev/null 2>&1; then
+        # Debian's python3 has no pip module: a throwaway venv of the same interpreter has one.
+        "$python" -m venv "$WHEELHOUSE_TMP/venv" || die "could not create a venv with '$python' (apt-get install python3-venv)"
+        pip_python=$WHEELHOUSE_TMP/venv/bin/python
+    fi
+    local pip=(env PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore "$pip_python" -m pip)
+    # `wheel`, not `download`: an sdist-only requirement (sdnotify) must become a wheel here.
+    "${pip[@]}" wheel --quiet --wheel-dir "$dir" -r "$ROOT/requirements.txt" "$BUILD_REQUIREMENT" ||
+        die "pip could not fetch or build the wheels of requirements.txt"
+    # The project's own wheel, built from a copy (pip builds in the tree).
+    mkdir -p -- "$WHEELHOUSE_TMP/src"
+    for item in daemon pyproject.toml README.md; do
+        cp -a -- "$ROOT/$item" "$WHEELHOUSE_TMP/src/$item"
+    done
+    find "$WHEELHOUSE_TMP/src" -name __pycache__ -prune -exec rm -rf -- {} +
+    rm -f -- "$dir"/background_sync-*.whl
+    "${pip[@]}" wheel --quiet --no-deps --wheel-dir "$dir" "$WHEELHOUSE_TMP/src" || die "could not build the wheel of $ROOT"
+    info "wheelhouse: $(find "$dir" -maxdepth 1 -name '*.whl' | wc -l) wheels in $dir for $python (Python $(python_version "$python"))"
+    info "install offline with: sudo WHEELHOUSE=$(readlink -f -- "$dir") ./$PROG install"
+}
+
 # ----------------------------------------------------------------------------- main
 
 main() {
     while (($# > 0)); do
         case $1 in
-        --no-systemd) shift ;;
+        --no-systemd)
+            FORCE_SELFMANAGED=1
+            shift
+            ;;
         -h | --help)
             usage
             exit 0
@@ -577,9 +1194,15 @@ main() {
     setup) cmd_setup ;;
     test) cmd_test "$@" ;;
     demo) cmd_demo ;;
-    start | stop | restart | status | force) "${MODE}_${command}" ;;
-    logs) cmd_logs ;;
-    logs-follow) cmd_logs_follow ;;
+    install) cmd_install "$@" ;;
+    uninstall) cmd_uninstall "$@" ;;
+    wheelhouse) cmd_wheelhouse "$@" ;;
+    mode) cmd_mode ;;
+    start | stop | restart | reload | status | logs | logs-follow | force | pause | resume)
+        (($# == 0)) || usage_error "$command takes no arguments (got: $*)"
+        select_mode
+        "${MODE}_${command//-/_}"
+        ;;
     help) usage ;;
     *)
         warn "unknown command: $command"

@@ -270,9 +270,7 @@ class App:
         self._scheduler = Scheduler(self.settings.interval_seconds, self._on_tick)
         await self._poll_control()  # a paused instance must not start even one cycle
         self._state = "idle"
-        self.request_cycle("startup")
         if self._may_start("startup"):
-            self._cycle_wanted = None
             self._launch_cycle("startup")
         watchdog = asyncio.create_task(self._watchdog_loop(), name="watchdog")
         controls = asyncio.create_task(self._control_loop(), name="control")

@@ -355,6 +355,10 @@ stage_root() {
     pivot_root . .oldroot
     cd /
     umount -l /.oldroot
+    # Shared propagation inside the box, as a container manager gives it: systemd skips its
+    # own `make-rshared /` in a container, and without it the credentials it mounts for a
+    # service (LoadCredential=) never show up. The box's namespace is private to the host.
+    mount --make-rshared /
     # Never exec systemd unless / is the box's own tree and the host's root is gone from view.
     if [[ ! -f /$MARKER ]] || mountpoint -q /.oldroot || [[ $(findmnt -rno FSTYPE /) != overlay ]]; then
         echo "box.sh: pivot_root did not leave the box's tree as / - not starting systemd" >&2

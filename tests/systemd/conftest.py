@@ -364,10 +364,13 @@ class Installed:
 
 def _unit_identity(box: Box) -> list[str]:
     """systemd-run properties that give a transient unit the service's user and state dir."""
-    props = box.show(UNIT, "User", "DynamicUser", "StateDirectory")
-    out = [f"DynamicUser={props['DynamicUser'] or 'no'}"]
-    if props["User"]:
-        out.append(f"User={props['User']}")
+    props = box.show(UNIT, "User", "DynamicUser", "StateDirectory", "UMask")
+    out = [f"DynamicUser={props['DynamicUser'] or 'no'}", f"UMask={props['UMask'] or '0022'}"]
+    # A dynamic user is named after its unit unless User= names it: the same name gives the
+    # transient unit the service's UID, so the files it creates are the service's.
+    user = props["User"] or (UNIT.removesuffix(".service") if props["DynamicUser"] == "yes" else "")
+    if user:
+        out.append(f"User={user}")
     for directory in props["StateDirectory"].split():
         out.append(f"StateDirectory={directory}")
     return out
