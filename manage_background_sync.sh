@@ -39,6 +39,7 @@ SERVICE_PYTHON="$PREFIX/.venv/bin/python"
 CONF_DIR=/etc/background-sync
 ENV_FILE="$CONF_DIR/background-sync.env"
 TOKEN_FILE="$CONF_DIR/backend-token"
+PGPASS_FILE="$CONF_DIR/pgpass" # optional (docs/operations.md, Secrets)
 STATE_DIRS=(/var/lib/private/background-sync /var/lib/background-sync)
 # Mode detection only; tests point these elsewhere. They change nothing that `install` writes.
 SYSTEMD_DIR=${BACKGROUND_SYNC_SYSTEMD_DIR:-/run/systemd/system}
@@ -81,7 +82,7 @@ Installing as a systemd service (root; docs/operations.md):
                stop and disable the service, remove the unit and $PREFIX; --purge also
                removes $CONF_DIR and the state directory (the SQLite database)
   wheelhouse DIR
-               download the wheels an offline install needs into DIR (network needed)
+               fetch and build the wheels an offline install needs into DIR (needs the index)
 
 Running the daemon (systemd mode when the unit is installed and systemd runs, else self-managed):
   start        systemd: systemctl start (waits for READY=1); self-managed: start it detached
@@ -96,6 +97,7 @@ Running the daemon (systemd mode when the unit is installed and systemd runs, el
   force        make the running daemon start a sync cycle now (SIGUSR1)
   pause        persistently stop every instance from claiming users (survives restarts)
   resume       undo pause
+  mode         print which of the two modes the commands above use, and why
   help         show this help
 
 Options:
@@ -675,19 +677,25 @@ systemd_reload() {
         service_check_config "$ENV_FILE" ||
             die "$ENV_FILE is invalid (above): not reloading; the daemon keeps its current settings"
     fi
-    local since
+    # What the daemon logs about this reload: everything after the journal's current end.
+    local cursor since lines="" deadline
+    cursor=$(journalctl -u "$SERVICE.service" -n 0 --show-cursor --quiet 2>/dev/null | sed -n 's/^-- cursor: //p') || cursor=""
     since=$(date +%s)
     systemctl reload -- "$SERVICE.service" || die "systemctl reload $SERVICE failed"
-    local deadline line=""
+    local after=(--since "@$since")
+    [[ -z $cursor ]] || after=(--after-cursor "$cursor")
     deadline=$(($(now_ms) + 5000))
     while (($(now_ms) < deadline)); do
-        line=$(journalctl -u "$SERVICE.service" -o cat --no-pager --since "@$since" 2>/dev/null |
-            grep -E '"event": ?"(config_reloaded|reload_rejected|reload_needs_restart)"' | tail -n 1) || true
-        [[ -n $line ]] && break
+        lines=$(journalctl -u "$SERVICE.service" -o cat --no-pager "${after[@]}" 2>/dev/null |
+            grep -E '"event": ?"(config_reloaded|reload_rejected|reload_needs_restart)"') || lines=""
+        [[ $lines == *config_reloaded* || $lines == *reload_rejected* ]] && break
         sleep 0.2
     done
     info "reloaded background-sync ($(describe_unit))"
-    [[ -n $line ]] && info "$line"
+    [[ -z $lines ]] || info "$lines"
+    if [[ $lines == *reload_needs_restart* ]]; then
+        warn "some changed settings apply only after: $PROG restart"
+    fi
     return 0
 }
 
@@ -709,7 +717,7 @@ systemd_status() {
     systemctl status --no-pager -- "$SERVICE.service" || true
     if ((rc == 0)) && [[ $(id -u) == 0 && -x $SERVICE_PYTHON ]]; then
         echo
-        timeout 30 service_cli status || true
+        CLI_MAX_SECONDS=30 service_cli status || true
     fi
     exit "$rc"
 }
@@ -745,18 +753,26 @@ systemd_resume() {
 
 # service_cli ARGS...: `python -m daemon ARGS --env-file ENV_FILE` as the service runs it: the same
 # dynamic user (User= makes it share the service's UID, so the running daemon keeps owning its
-# state directory), state directory, env file and umask. Exit status: the command's.
+# state directory), state directory, env file and umask. Exit status: the command's. systemd
+# ends it after CLI_MAX_SECONDS if that is set.
 service_cli() {
     [[ -x $SERVICE_PYTHON ]] || die "$SERVICE_PYTHON is missing: run 'sudo ./$PROG install'"
     need_command systemd-run "it comes with systemd"
     local operator=${SUDO_USER:-}
     [[ -n $operator ]] || operator=$(id -un 2>/dev/null) || operator=root
+    # A libpq password file, as the service gets it from its drop-in (docs/operations.md).
+    local unit="$SERVICE-cli-$$" extra=()
+    if [[ -f $PGPASS_FILE ]]; then
+        extra=(--property=LoadCredential="pgpass:$PGPASS_FILE"
+            --setenv=PGPASSFILE="/run/credentials/$unit.service/pgpass")
+    fi
     # LOGNAME: `status` shows who paused; the daemon takes it from getpass.getuser().
-    systemd-run --quiet --wait --pipe --collect \
+    systemd-run --quiet --wait --pipe --collect --unit="$unit" "${extra[@]}" \
         --property=DynamicUser=yes --property=User="$SERVICE" \
         --property=StateDirectory="$SERVICE" --property=StateDirectoryMode=0700 \
         --property=UMask=0077 --property=EnvironmentFile=-"$ENV_FILE" \
         --property=PrivateTmp=yes --property=ProtectSystem=strict --property=ProtectHome=yes \
+        --property=RuntimeMaxSec="${CLI_MAX_SECONDS:-infinity}" \
         --setenv=PYTHONDONTWRITEBYTECODE=1 --setenv=LOGNAME="$operator" \
         -- "$SERVICE_PYTHON" -m daemon "$@" --env-file "$ENV_FILE"
 }
@@ -808,18 +824,22 @@ check_token_file() {
 }
 
 # put_file SOURCE DEST MODE: install SOURCE as DEST (root-owned, MODE) by rename, unless DEST
-# already has that content; then only owner and mode are set. Prints "changed" or "unchanged".
+# already has that content; then only owner and mode are set. Prints "installed", "updated" or
+# "unchanged".
 put_file() {
-    local source=$1 dest=$2 mode=$3
-    if [[ -f $dest ]] && cmp -s -- "$source" "$dest"; then
-        chown root:root -- "$dest"
-        chmod "$mode" -- "$dest"
-        echo unchanged
-        return 0
+    local source=$1 dest=$2 mode=$3 what=installed
+    if [[ -f $dest ]]; then
+        what=updated
+        if cmp -s -- "$source" "$dest"; then
+            chown root:root -- "$dest"
+            chmod "$mode" -- "$dest"
+            echo unchanged
+            return 0
+        fi
     fi
     install -m "$mode" -o root -g root -- "$source" "$dest.tmp.$$"
     mv -f -- "$dest.tmp.$$" "$dest"
-    echo changed
+    echo "$what"
 }
 
 # matching_wheel DIR SRC: print the background_sync wheel in DIR whose package is exactly SRC's
@@ -910,7 +930,9 @@ cmd_install() {
     local stamp_file="$PREFIX/.venv/.background-sync-install.sha256" want have=""
     want=$({
         printf '%s\n' "$identity"
-        (cd "$INSTALL_STAGE" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+        # What the venv is built from; the other items are copied for reference only.
+        (cd "$INSTALL_STAGE" && find daemon pyproject.toml requirements.txt -type f -print0 |
+            LC_ALL=C sort -z | xargs -0 sha256sum)
     } | sha256sum | cut -d' ' -f1)
     [[ -f $stamp_file ]] && IFS= read -r have <"$stamp_file"
     local venv_ok=0
@@ -950,6 +972,7 @@ cmd_install() {
             wheel=$(matching_wheel "$WHEELHOUSE" "$INSTALL_STAGE") || wheel=""
         fi
         if [[ -n $wheel ]]; then
+            info "install: background-sync from $wheel (the same code as $ROOT)"
             "${pip[@]}" --no-deps --force-reinstall "$wheel" || die "pip could not install $wheel"
         else
             "${pip[@]}" --no-deps --force-reinstall "$INSTALL_STAGE" ||
@@ -959,20 +982,24 @@ cmd_install() {
         fi
         (cd / && "$SERVICE_PYTHON" -c 'import daemon.cli, daemon.app') ||
             die "the installed background-sync does not import (above)"
-        for item in "${INSTALL_ITEMS[@]}"; do
-            rm -rf -- "$PREFIX/.old-$item"
-            if [[ -e $PREFIX/$item || -L $PREFIX/$item ]]; then
-                mv -T -- "$PREFIX/$item" "$PREFIX/.old-$item"
-            fi
-            mv -T -- "$INSTALL_STAGE/$item" "$PREFIX/$item"
-            rm -rf -- "$PREFIX/.old-$item"
-        done
         chmod -R go+rX -- "$PREFIX/.venv"
         printf '%s\n' "$want" >"$stamp_file"
-        info "install: code and virtualenv installed in $PREFIX"
+        info "install: background-sync installed in $PREFIX/.venv"
     else
-        info "install: code and virtualenv in $PREFIX are up to date"
+        info "install: $PREFIX/.venv is up to date"
     fi
+    # The copy of the sources beside the venv: each item replaced by a rename.
+    for item in "${INSTALL_ITEMS[@]}"; do
+        if [[ -e $PREFIX/$item ]] && diff -r -q -- "$INSTALL_STAGE/$item" "$PREFIX/$item" >/dev/null 2>&1; then
+            continue
+        fi
+        rm -rf -- "$PREFIX/.old-$item"
+        if [[ -e $PREFIX/$item || -L $PREFIX/$item ]]; then
+            mv -T -- "$PREFIX/$item" "$PREFIX/.old-$item"
+        fi
+        mv -T -- "$INSTALL_STAGE/$item" "$PREFIX/$item"
+        rm -rf -- "$PREFIX/.old-$item"
+    done
     install_cleanup
     INSTALL_STAGE=""
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,9 +158,16 @@ class Sandbox:
         return self.root / "var" / "log" / "background-sync.log"
 
     def env(self, **extra: str) -> dict[str, str]:
-        prefixes = ("SYNC_", "DEMO_", "STUB_", "STOP_TIMEOUT", "START_WAIT_SECONDS", "LINES")
+        prefixes = (
+            *("SYNC_", "DEMO_", "STUB_", "FAKE_", "STOP_TIMEOUT", "START_WAIT_SECONDS", "LINES"),
+            *("BACKGROUND_SYNC_", "WHEELHOUSE"),
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
         env["START_WAIT_SECONDS"] = "0.5"
+        # Self-managed mode whatever the host: no systemd here, as far as the script can tell
+        # (the systemd-mode tests below point these at directories of their own).
+        env["BACKGROUND_SYNC_SYSTEMD_DIR"] = str(self.root / "no-systemd")
+        env["BACKGROUND_SYNC_UNIT_FILE"] = str(self.root / "no-unit" / "background-sync.service")
         env.update(extra)
         return env
 
@@ -257,7 +268,7 @@ def test_help_lists_every_command(sandbox: Sandbox) -> None:
     result = sandbox.run("help")
     assert result.returncode == 0
     commands = ["setup", "test", "demo", "start", "stop", "restart", "status", "logs", "force"]
-    commands.append("logs-follow")
+    commands += ["logs-follow", "reload", "pause", "resume", "install", "uninstall", "wheelhouse"]
     for command in commands:
         assert f"\n  {command} " in result.stdout
 
@@ -556,3 +567,398 @@ def test_demo_fails_clearly_when_the_backend_dies(sandbox: Sandbox) -> None:
     assert "reference backend exited" in result.stderr
     assert "cannot bind" in result.stderr
     assert not sandbox.stub_pids("once")
+
+
+# ----------------------------------------------------------------------------- mode selection
+
+# Stand-ins for systemd's tools: each call is appended to $FAKE_SYSTEMD_LOG; `systemctl show`
+# answers from FAKE_<PROPERTY> (FAKE_ACTIVESTATE, FAKE_MAINPID, ...), the unit is active when
+# FAKE_ACTIVESTATE says so, and FAKE_RC is the exit status of start/stop/restart/reload/kill.
+FAKE_SYSTEMCTL = """#!/usr/bin/env bash
+printf 'systemctl %s\\n' "$*" >>"$FAKE_SYSTEMD_LOG"
+case $1 in
+show)
+    name=${2#--property=}
+    var=FAKE_${name^^}
+    printf '%s\\n' "${!var:-}"
+    ;;
+is-active)
+    [[ ${FAKE_ACTIVESTATE:-inactive} == active || ${FAKE_ACTIVESTATE:-} == reloading ]]
+    ;;
+status)
+    echo "* background-sync.service - fake ${FAKE_ACTIVESTATE:-inactive}"
+    [[ ${FAKE_ACTIVESTATE:-inactive} == active ]] || exit 3
+    ;;
+*) exit "${FAKE_RC:-0}" ;;
+esac
+"""
+FAKE_JOURNALCTL = """#!/usr/bin/env bash
+printf 'journalctl %s\\n' "$*" >>"$FAKE_SYSTEMD_LOG"
+echo '{"event": "daemon_ready", "level": "info"}'
+"""
+FAKE_SYSTEMD_RUN = """#!/usr/bin/env bash
+printf 'systemd-run %s\\n' "$*" >>"$FAKE_SYSTEMD_LOG"
+"""
+
+
+@dataclass
+class FakeSystemd:
+    """systemd "running" (its runtime directory exists) with the unit installed, and fake tools."""
+
+    sandbox: Sandbox
+    runtime_dir: Path
+    unit_file: Path
+    bin_dir: Path
+    log: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            "BACKGROUND_SYNC_SYSTEMD_DIR": str(self.runtime_dir),
+            "BACKGROUND_SYNC_UNIT_FILE": str(self.unit_file),
+            "PATH": f"{self.bin_dir}:{os.environ['PATH']}",
+            "FAKE_SYSTEMD_LOG": str(self.log),
+            **extra,
+        }
+
+    def run(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return self.sandbox.run(*args, **self.env(**extra))
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+@pytest.fixture
+def fake_systemd(sandbox: Sandbox) -> FakeSystemd:
+    base = sandbox.root / "fake-systemd"
+    runtime_dir = base / "run" / "systemd" / "system"
+    runtime_dir.mkdir(parents=True)
+    unit_file = base / "etc" / "background-sync.service"
+    unit_file.parent.mkdir(parents=True)
+    unit_file.write_text((PROJECT / "systemd" / "background-sync.service").read_text())
+    bin_dir = base / "bin"
+    bin_dir.mkdir()
+    for name, text in (
+        ("systemctl", FAKE_SYSTEMCTL),
+        ("journalctl", FAKE_JOURNALCTL),
+        ("systemd-run", FAKE_SYSTEMD_RUN),
+    ):
+        tool = bin_dir / name
+        tool.write_text(text)
+        tool.chmod(0o755)
+    return FakeSystemd(sandbox, runtime_dir, unit_file, bin_dir, base / "calls.log")
+
+
+def test_mode_is_self_managed_without_systemd(sandbox: Sandbox) -> None:
+    result = sandbox.run("mode")
+    assert result.returncode == 0, result
+    assert result.stdout.startswith("self-managed (systemd is not running")
+
+
+def test_mode_is_self_managed_when_the_unit_is_not_installed(fake_systemd: FakeSystemd) -> None:
+    fake_systemd.unit_file.unlink()
+    result = fake_systemd.run("mode")
+    assert result.returncode == 0, result
+    assert result.stdout.startswith("self-managed (")
+    assert "is not installed: sudo ./manage_background_sync.sh install" in result.stdout
+
+
+def test_mode_is_systemd_when_systemd_runs_and_the_unit_is_installed(
+    fake_systemd: FakeSystemd,
+) -> None:
+    assert fake_systemd.run("mode").stdout.startswith("systemd (")
+    forced = fake_systemd.run("--no-systemd", "mode")
+    assert forced.stdout.startswith("self-managed (--no-systemd)")
+
+
+def test_no_systemd_runs_the_daemon_itself_even_with_the_unit_installed(
+    fake_systemd: FakeSystemd,
+) -> None:
+    sandbox = fake_systemd.sandbox
+    started = fake_systemd.run("--no-systemd", "start")
+    assert started.returncode == 0, started
+    pid = sandbox.wait_ready()
+    assert f"started background-sync (pid {pid})" in started.stdout
+    status = fake_systemd.run("--no-systemd", "status")
+    assert status.returncode == 0, status
+    assert f"running (pid {pid}, up " in status.stdout
+    assert fake_systemd.run("--no-systemd", "stop").returncode == 0
+    assert _wait_gone(pid)
+    assert not any(call.startswith("systemctl") for call in fake_systemd.calls())
+
+
+# ----------------------------------------------------------------------------- systemd mode
+
+
+def test_systemd_start_waits_in_systemctl_and_prints_the_status_line(
+    fake_systemd: FakeSystemd,
+) -> None:
+    result = fake_systemd.run(
+        "start", FAKE_MAINPID="4242", FAKE_STATUSTEXT="idle, next cycle in 300 s"
+    )
+    assert result.returncode == 0, result
+    assert "systemctl start -- background-sync.service" in fake_systemd.calls()
+    assert "started background-sync (pid 4242: idle, next cycle in 300 s)" in result.stdout
+    assert not fake_systemd.sandbox.pidfile.exists()
+
+
+def test_systemd_start_of_a_running_unit_changes_nothing(fake_systemd: FakeSystemd) -> None:
+    result = fake_systemd.run("start", FAKE_ACTIVESTATE="active", FAKE_MAINPID="7")
+    assert result.returncode == 0, result
+    assert "already running (pid 7" in result.stdout
+    assert not any(call.startswith("systemctl start") for call in fake_systemd.calls())
+
+
+def test_systemd_start_failure_explains_the_exit_status(fake_systemd: FakeSystemd) -> None:
+    result = fake_systemd.run(
+        "start", FAKE_RC="1", FAKE_RESULT="exit-code", FAKE_EXECMAINSTATUS="78"
+    )
+    assert result.returncode == 1
+    assert "exit status 78: a bad setting" in result.stderr
+    assert '{"event": "daemon_ready"' in result.stderr  # the unit's journal since the start
+    journal = [c for c in fake_systemd.calls() if c.startswith("journalctl")]
+    assert journal and "-u background-sync.service -o cat" in journal[0]
+
+
+@pytest.mark.parametrize(
+    ("active", "sub", "expected"),
+    [
+        ("active", "running", 0),
+        ("reloading", "reload", 0),
+        ("inactive", "dead", 3),
+        ("failed", "failed", 1),
+        ("activating", "auto-restart", 1),
+    ],
+)
+def test_systemd_status_maps_the_unit_state_to_lsb_codes(
+    fake_systemd: FakeSystemd, active: str, sub: str, expected: int
+) -> None:
+    result = fake_systemd.run("status", FAKE_ACTIVESTATE=active, FAKE_SUBSTATE=sub)
+    assert result.returncode == expected, result
+    assert "systemctl status --no-pager -- background-sync.service" in fake_systemd.calls()
+    assert "* background-sync.service - fake" in result.stdout
+
+
+def test_systemd_stop(fake_systemd: FakeSystemd) -> None:
+    idle = fake_systemd.run("stop", FAKE_ACTIVESTATE="inactive")
+    assert idle.returncode == 0
+    assert "not running (inactive)" in idle.stdout
+    assert not any(call.startswith("systemctl stop") for call in fake_systemd.calls())
+
+    running = fake_systemd.run("stop", FAKE_ACTIVESTATE="active")
+    assert running.returncode == 0, running
+    assert "systemctl stop -- background-sync.service" in fake_systemd.calls()
+    assert "stopped background-sync in " in running.stdout
+
+
+def test_systemd_logs_read_the_journal_as_json_lines(fake_systemd: FakeSystemd) -> None:
+    result = fake_systemd.run("logs", LINES="5")
+    assert result.returncode == 0, result
+    assert result.stdout == '{"event": "daemon_ready", "level": "info"}\n'
+    assert fake_systemd.calls() == ["journalctl -u background-sync.service -o cat --no-pager -n 5"]
+    bad = fake_systemd.run("logs", LINES="many")
+    assert bad.returncode == 1
+    assert "LINES must be a whole number" in bad.stderr
+
+
+def test_systemd_force_signals_the_main_process_only(fake_systemd: FakeSystemd) -> None:
+    stopped = fake_systemd.run("force")
+    assert stopped.returncode == 1
+    assert "not running: nothing to force" in stopped.stderr
+
+    forced = fake_systemd.run("force", FAKE_ACTIVESTATE="active", FAKE_MAINPID="99")
+    assert forced.returncode == 0, forced
+    calls = fake_systemd.calls()
+    assert "systemctl kill --signal=USR1 --kill-who=main -- background-sync.service" in calls
+    assert "sent SIGUSR1 to background-sync (pid 99" in forced.stdout
+
+
+def test_systemd_reload_needs_a_running_unit(fake_systemd: FakeSystemd) -> None:
+    result = fake_systemd.run("reload")
+    assert result.returncode == 1
+    assert "not running: nothing to reload" in result.stderr
+    assert not any(call.startswith("systemctl reload") for call in fake_systemd.calls())
+
+
+@pytest.mark.skipif(
+    Path("/opt/background-sync/.venv/bin/python").exists(), reason="background-sync is installed"
+)
+def test_systemd_pause_needs_the_installed_service(fake_systemd: FakeSystemd) -> None:
+    result = fake_systemd.run("pause")
+    assert result.returncode == 1
+    assert "/opt/background-sync/.venv/bin/python is missing" in result.stderr
+    assert "sudo ./manage_background_sync.sh install" in result.stderr
+
+
+def test_reload_is_refused_in_self_managed_mode(sandbox: Sandbox) -> None:
+    result = sandbox.run("reload")
+    assert result.returncode == 1
+    assert "reload needs the systemd unit" in result.stderr
+
+
+def test_lifecycle_commands_take_no_arguments(sandbox: Sandbox) -> None:
+    result = sandbox.run("stop", "now")
+    assert result.returncode == 2
+    assert "stop takes no arguments" in result.stderr
+
+
+# ----------------------------------------------------------------------------- install / uninstall
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["install", "--bogus"], "install: unknown argument: --bogus"),
+        (["install", "--token-file"], "install: --token-file needs a PATH"),
+        (["install", "--env-file="], "install: --env-file needs a PATH"),
+        (["--no-systemd", "install"], "--no-systemd makes no sense"),
+        (["uninstall", "--everything"], "uninstall: unknown argument: --everything"),
+        (["wheelhouse"], "wheelhouse needs a DIR"),
+    ],
+)
+def test_install_argument_errors_exit_2(sandbox: Sandbox, args: list[str], message: str) -> None:
+    result = sandbox.run(*args)
+    assert result.returncode == 2, result
+    assert message in result.stderr
+    assert "Usage:" in result.stderr
+
+
+def test_install_refuses_without_systemd(sandbox: Sandbox) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the root check comes first")
+    result = sandbox.run("install")
+    assert result.returncode == 1
+    assert "systemd is not running on this host" in result.stderr
+    assert "manage_background_sync.sh start" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+def test_install_and_uninstall_need_root(command: str) -> None:
+    if os.geteuid() != 0:
+        as_user: list[str] = []
+    else:  # drop to nobody; the script must be readable by it
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    home = Path(tempfile.mkdtemp(prefix="bs-manage-"))
+    try:
+        home.chmod(0o755)
+        script = home / SCRIPT.name
+        shutil.copy2(SCRIPT, script)
+        script.chmod(0o755)
+        result = subprocess.run(
+            [*as_user, str(script), command],
+            cwd="/",
+            env={"PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(home)
+    assert result.returncode == 1, result
+    assert f"{command} must run as root (sudo ./manage_background_sync.sh {command} ...)" in (
+        result.stderr
+    )
+
+
+# ----------------------------------------------------------------------------- pause / resume
+
+
+def _real_cli(sandbox: Sandbox) -> None:
+    """Make the sandbox's `.venv/bin/background-sync` the project's real command line."""
+    stub = sandbox.root / ".venv" / "bin" / "background-sync"
+    stub.write_text(f'#!/bin/sh\ncd "{PROJECT}" && exec "{sys.executable}" -m daemon "$@"\n')
+    stub.chmod(0o755)
+
+
+def _paused(database: Path) -> tuple[bool, str | None]:
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        paused, by = conn.execute("SELECT paused, updated_by FROM sync_control").fetchone()
+    return bool(paused), by
+
+
+def test_self_managed_pause_and_resume_flip_the_flag_in_the_database(sandbox: Sandbox) -> None:
+    _real_cli(sandbox)
+    database = sandbox.root / "var" / "background-sync.db"
+    database.parent.mkdir(parents=True)
+    migrate = subprocess.run(
+        [sys.executable, "-m", "daemon", "migrate"],
+        cwd=PROJECT,
+        env=sandbox.env(SYNC_DATABASE_URL=f"sqlite:///{database}", SYNC_LOG_FORMAT="json"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert migrate.returncode == 0, migrate
+
+    paused = sandbox.run("--no-systemd", "pause", timeout=60)  # the script's default database
+    assert paused.returncode == 0, paused
+    assert paused.stdout.startswith("paused: ")
+    assert _paused(database)[0] is True
+    assert (_paused(database)[1] or "").endswith(f"@{socket.gethostname()}")
+
+    resumed = sandbox.run("resume", timeout=60)
+    assert resumed.returncode == 0, resumed
+    assert resumed.stdout.startswith("resumed: ")
+    assert _paused(database)[0] is False
+
+
+def test_self_managed_pause_without_the_daemons_tables_fails_clearly(sandbox: Sandbox) -> None:
+    _real_cli(sandbox)
+    result = sandbox.run("pause", timeout=60)
+    assert result.returncode == 1
+    assert "the daemon's tables are missing; run `background-sync migrate`" in result.stderr
+    assert "'background-sync pause' failed (exit status 78)" in result.stderr
+
+
+# ----------------------------------------------------------------------------- systemd/ files
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_unit_passes_verify_and_its_exposure_is_at_most_1_5() -> None:
+    result = subprocess.run(
+        [str(PROJECT / "systemd" / "check-unit.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verify: clean" in result.stdout
+    assert re.search(r"security: exposure \d+\.\d+ <= 1\.5: OK", result.stdout), result.stdout
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="needs shellcheck")
+def test_the_scripts_are_shellcheck_clean() -> None:
+    scripts = [SCRIPT, PROJECT / "systemd" / "check-unit.sh"]
+    result = subprocess.run(
+        ["shellcheck", *map(str, scripts)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_env_example_lists_every_setting_with_a_valid_default(tmp_path: Path) -> None:
+    example = (PROJECT / "systemd" / "background-sync.env.example").read_text()
+    reference = (PROJECT / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `(SYNC_[A-Z_]+)`", reference, re.M))
+    listed = set(re.findall(r"^#(SYNC_[A-Z_]+)=", example, re.M))
+    assert documented and listed == documented
+    assert not re.search(r"^SYNC_", example, re.M), "every setting stays commented out"
+    assert "TOKEN=" not in example.replace("SYNC_BACKEND_TOKEN_FILE=", "")
+
+    # Every line uncommented, as an operator might: the values shown are valid.
+    uncommented = tmp_path / "all.env"
+    uncommented.write_text(re.sub(r"^#(SYNC_)", r"\1", example, flags=re.M))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNC_", "CREDENTIALS_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "check-config", "--env-file", str(uncommented)],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["concurrency"] == 16

@@ -12,11 +12,11 @@
 #   box.sh exec NAME -- CMD ...      run CMD inside the box, in all of its namespaces
 #   box.sh pid NAME                  print the host pid of the box's systemd (exit 1 if not running)
 #   box.sh stop NAME                 power off (SIGRTMIN+4), SIGKILL on timeout, remove cgroup + state
-#   box.sh reap                      stop the boxes whose owner process (BOX_OWNER at boot) is gone
+#   box.sh reap PREFIX               stop the boxes named PREFIX* whose owner process is gone
 #
 # Environment: BOX_DIR (default /var/tmp/background-sync-systemd-box), BOX_MIRROR (a Debian mirror;
-# default: the first one in the host's apt sources), BOX_OWNER (pid recorded at boot, for reap),
-# BOX_BOOT_TIMEOUT (seconds, default 60).
+# default: the first one in the host's apt sources), BOX_OWNER (the pid owning a box, for reap;
+# default: the caller of boot), BOX_BOOT_TIMEOUT (seconds, default 60).
 #
 # Never run systemd over the host's root: its boot-time cleanups would empty the host's /tmp and
 # more. The last stage refuses to exec systemd unless / is the box's overlay and the host's old
@@ -167,6 +167,15 @@ cmd_build() {
     mkdir -p -- "$tmp/.oldroot"
     touch -- "$tmp/$MARKER"
     mv -T -- "$tmp" "$ROOTFS"
+    # Trees of earlier package lists, unless a box may still run over one.
+    if [[ -z $(find "$BOX_DIR/boxes" -mindepth 1 -maxdepth 1 2>/dev/null) ]]; then
+        local old
+        for old in "$BOX_DIR"/rootfs-*; do
+            [[ $old != "$ROOTFS" && -d $old ]] || continue
+            say "removing the rootfs of an earlier package list: $old"
+            rm -rf --one-file-system -- "$old"
+        done
+    fi
     say "rootfs built in $(elapsed "$t0")s: $ROOTFS ($(du -sh --one-file-system "$ROOTFS" | cut -f1))"
     printf '%s\n' "$ROOTFS"
 }
@@ -267,8 +276,9 @@ cmd_stop() {
 }
 
 cmd_reap() {
-    local dir owner
-    for dir in "$BOX_DIR"/boxes/*/; do
+    local prefix=${1:-} dir owner
+    valid_name "${prefix:-x}"
+    for dir in "$BOX_DIR"/boxes/"$prefix"*/; do
         [[ -d $dir ]] || continue
         owner=$(cat -- "$dir/owner" 2>/dev/null || echo 0)
         if [[ $owner =~ ^[0-9]+$ ]] && ((owner > 0)) && [[ -d /proc/$owner ]]; then continue; fi
@@ -377,7 +387,7 @@ boot) cmd_boot "$@" ;;
 exec) cmd_exec "$@" ;;
 pid) cmd_pid "$@" ;;
 stop) cmd_stop "$@" ;;
-reap) cmd_reap ;;
+reap) cmd_reap "$@" ;;
 _outer) stage_outer "$@" ;;
 _init) stage_init "$@" ;;
 _root) stage_root "$@" ;;

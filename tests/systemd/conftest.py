@@ -168,9 +168,6 @@ class Box:
             raise BoxCommandFailed("in the box: " + _describe(list(args), proc))
         return proc
 
-    def sh(self, script: str, *, check: bool = True, timeout: float = 60) -> str:
-        return self.run("sh", "-c", script, check=check, timeout=timeout).stdout
-
     def write(self, path: str, text: str, *, mode: str = "0644") -> None:
         self.run(
             "sh",
@@ -261,6 +258,9 @@ def _wheelhouse(session_dir: Path, src: Path) -> Path:
         (partial / ".complete").touch()
         shutil.rmtree(deps, ignore_errors=True)
         partial.rename(deps)
+        for old in BOX_DIR.glob("wheels-*"):  # wheels of requirements.txt files gone by
+            if old != deps and not old.name.endswith(".partial"):
+                shutil.rmtree(old, ignore_errors=True)
     house = session_dir / "wheelhouse"
     house.mkdir()
     for wheel in deps.glob("*.whl"):
@@ -281,6 +281,13 @@ def _host_mounts_under(path: Path) -> list[str]:
     return [m for m in out.splitlines() if (m + "/").startswith(prefix)]
 
 
+def _cgroup2_mount() -> Path:
+    out = subprocess.run(
+        ["findmnt", "-rn", "-t", "cgroup2", "-o", "TARGET"], capture_output=True, text=True
+    ).stdout.split()
+    return Path(out[0]) if out else Path("/sys/fs/cgroup")
+
+
 def _processes_in_namespace(namespace: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -297,7 +304,10 @@ def box() -> Iterator[Box]:
     check = subprocess.run([str(BOX_SH), "check"], env=env, capture_output=True, text=True)
     if check.returncode != 0:
         pytest.skip(f"cannot boot systemd in namespaces on this machine: {check.stderr.strip()}")
-    box_sh(env, "reap")  # boxes of earlier sessions that died without their teardown
+    box_sh(env, "reap", "pytest-")  # boxes of earlier sessions that died before teardown
+    for stale in BOX_DIR.glob("sessions/pytest-*"):  # and their wheelhouses and sources
+        if not Path(f"/proc/{stale.name.removeprefix('pytest-')}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     name = f"pytest-{os.getpid()}"
     session_dir = BOX_DIR / "sessions" / name
     canary = _host_tmp_canary()
@@ -333,8 +343,8 @@ def box() -> Iterator[Box]:
             problems.append(f"processes of the box are still running: {left}")
         if left_mounts := _host_mounts_under(BOX_DIR):
             problems.append(f"host mounts left under {BOX_DIR}: {left_mounts}")
-        if Path(f"/sys/fs/cgroup/unified/background-sync-box.{name}").exists():
-            problems.append(f"the box's cgroup background-sync-box.{name} is still there")
+        if (cgroup := _cgroup2_mount() / f"background-sync-box.{name}").exists():
+            problems.append(f"the box's cgroup {cgroup} is still there")
         if not ((canary / "fresh").is_file() and (canary / "forty-days-old").is_file()):
             problems.append(f"the host's /tmp lost files: {canary} is not intact")
         shutil.rmtree(canary, ignore_errors=True)
@@ -360,6 +370,37 @@ class Installed:
 
     def backend_stats(self) -> dict[str, Any]:
         return dict(json.loads(self.box.curl(f"{BACKEND}/_control/stats")))
+
+    def seed(self, *, fresh: bool) -> None:
+        """`seed-demo` as the service's user, with its state directory and env file.
+
+        `fresh`: first remove the SQLite database and migrate it again, so that no lease or
+        backoff of an earlier test (a daemon killed by the watchdog holds its leases until
+        they expire) decides what this test's cycles claim.
+        """
+        python = f"{VENV}/bin/python"
+        steps = [f"{python} -m daemon seed-demo --users {USERS}"]
+        if fresh:
+            steps[:0] = [
+                'rm -f -- "$STATE_DIRECTORY"/background-sync.db*',
+                f"{python} -m daemon migrate",
+            ]
+        proc = self.box.run(
+            "systemd-run",
+            "--wait",
+            "--pipe",
+            "--quiet",
+            *(arg for prop in _unit_identity(self.box) for arg in ("-p", prop)),
+            "-p",
+            f"EnvironmentFile=-{ENV_FILE}",
+            "/bin/sh",
+            "-ec",
+            " && ".join(steps),
+            check=False,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise BoxCommandFailed("seeding the database in the box: " + _describe(steps, proc))
 
 
 def _unit_identity(box: Box) -> list[str]:
@@ -433,28 +474,11 @@ def installed(box: Box) -> Installed:
         describe=lambda: box.journal("-u", "refbackend", "-n", "30"),
     )
 
+    installed = Installed(box, token, baseline_env, env_mode, install_seconds)
     t1 = time.monotonic()
-    seed = box.run(
-        "systemd-run",
-        "--wait",
-        "--pipe",
-        "--quiet",
-        *(arg for prop in _unit_identity(box) for arg in ("-p", prop)),
-        "-p",
-        f"EnvironmentFile=-{ENV_FILE}",
-        f"{VENV}/bin/python",
-        "-m",
-        "daemon",
-        "seed-demo",
-        "--users",
-        str(USERS),
-        check=False,
-        timeout=120,
-    )
-    if seed.returncode != 0:
-        raise BoxCommandFailed("seed-demo in the box: " + _describe(["seed-demo"], seed))
+    installed.seed(fresh=False)
     say(f"seeded {USERS} users in {time.monotonic() - t1:.1f}s")
-    return Installed(box, token, baseline_env, env_mode, install_seconds)
+    return installed
 
 
 # ----------------------------------------------------------------------------- per test
@@ -503,9 +527,19 @@ class Service:
         return time.monotonic() - t0
 
     def entries(self) -> list[dict[str, Any]]:
-        """This test's journal entries of the unit (the daemon's lines and systemd's)."""
-        out = self.box.journal("-u", UNIT, "-o", "json", after=self.cursor)
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+        """This test's journal entries of the unit (the daemon's lines and systemd's).
+
+        What `journalctl -u` selects, filtered here: bookworm's journalctl, given both
+        --after-cursor and -u, drops the first matching entry after the cursor when the
+        cursor's own entry does not match (here: systemd's "Starting ..." line).
+        """
+        out = self.box.journal("-o", "json", after=self.cursor)
+        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return [
+            e
+            for e in entries
+            if e.get("_SYSTEMD_UNIT") == UNIT or (e.get("_PID") == "1" and e.get("UNIT") == UNIT)
+        ]
 
     def output_lines(self) -> list[str]:
         """What the daemon wrote to stdout/stderr (the journal's stream transport)."""
@@ -555,9 +589,6 @@ class Service:
             describe=lambda: "\n".join(self.output_lines()[-30:]),
         )
 
-    def journal_text(self, *args: str) -> str:
-        return self.box.journal("-u", UNIT, *args, after=self.cursor)
-
 
 @pytest.fixture
 def service(installed: Installed) -> Iterator[Service]:
@@ -570,6 +601,7 @@ def service(installed: Installed) -> Iterator[Service]:
     svc = Service(installed, cursor="")
     svc.set_env(**TEST_ENV)
     box.systemctl("daemon-reload")
+    installed.seed(fresh=True)
     installed.backend_faults()
     svc.cursor = box.journal_cursor()
     yield svc
