@@ -386,16 +386,20 @@ class App:
 
     def _launch_cycle(self, reason: str) -> None:
         self._state = "syncing"
-        task = asyncio.create_task(self._start_cycle(reason), name="cycle")
+        self._cycle = self._new_cycle(reason)  # at once, so STATUS= never shows the last one
+        task = asyncio.create_task(self._run_cycle(), name="cycle")
         self._cycle_task = task
         task.add_done_callback(self._cycle_ended)
 
     async def _start_cycle(self, reason: str) -> Report:
-        assert self._store is not None and self._client is not None
         self._state = "syncing"
-        self.metrics.in_cycle.set(1)
+        self._cycle = self._new_cycle(reason)
+        return await self._run_cycle()
+
+    def _new_cycle(self, reason: str) -> Cycle:
+        assert self._store is not None and self._client is not None
         jittered = reason in ("startup", "schedule")
-        self._cycle = Cycle(
+        cycle = Cycle(
             self.settings,
             self._store,
             self._client,
@@ -407,7 +411,12 @@ class App:
             paused=lambda: self._paused,
         )
         self._carry = ()
-        self._log.info("cycle_requested", reason=reason, run_id=self._cycle.run_id)
+        self._log.info("cycle_requested", reason=reason, run_id=cycle.run_id)
+        return cycle
+
+    async def _run_cycle(self) -> Report:
+        assert self._cycle is not None
+        self.metrics.in_cycle.set(1)
         try:
             if self.settings.dry_run:
                 report = await self._dry_cycle()

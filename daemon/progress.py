@@ -64,5 +64,7 @@ class Progress:
         return None
 
     def status_line(self) -> str:
+        if not self.claimed and not self.total:
+            return "syncing: starting"
         line = f"syncing {self.done} of {max(self.total, self.claimed)}"
         return f"{line}, failed {self.failed}" if self.failed else line

@@ -12,7 +12,7 @@ import pytest
 
 from tests.systemd.conftest import Box, wait_until
 
-pytestmark = pytest.mark.timeout(900)  # the first test of a session may build the rootfs
+pytestmark = pytest.mark.timeout(600)  # the first test of a session may build the rootfs
 
 NOTIFY_SCRIPT = """\
 import os, socket, sys, time

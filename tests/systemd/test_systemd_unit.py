@@ -20,7 +20,7 @@ import pytest
 from tests.systemd.conftest import UNIT, USERS, Service, say, wait_until
 
 # The first test of a session may build the rootfs, the wheelhouse and install.
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(600)
 
 STATUS_LINE = re.compile(
     r"^(database unavailable; )?(syncing \d+ of \d+|idle, next cycle in \d+ s)"
