@@ -23,7 +23,7 @@ from tests.systemd.conftest import UNIT, USERS, Service, say, wait_until
 pytestmark = pytest.mark.timeout(600)
 
 STATUS_LINE = re.compile(
-    r"^(database unavailable; )?(syncing \d+ of \d+|idle, next cycle in \d+ s)"
+    r"^(database unavailable; )?(syncing: starting|syncing \d+ of \d+|idle, next cycle in \d+ s)"
 )
 
 
@@ -55,7 +55,9 @@ def test_start_returns_only_after_ready_with_the_daemons_status_line(service: Se
     assert ready["watchdog_interval_s"] == 1.5  # half of the drop-in's WatchdogSec=3
 
     status = service.box.systemctl("status", UNIT, "--no-pager", "--lines=0", check=False)
-    assert re.search(r'Status: "(syncing \d+ of \d+|idle, next cycle in \d+ s)', status), status
+    assert re.search(
+        r'Status: "(syncing: starting|syncing \d+ of \d+|idle, next cycle in \d+ s)', status
+    ), status
     say(
         f"start -> active: `systemctl start` blocked {blocked:.2f}s; READY=1 came "
         f"{ready_after:.2f}s after the fork; StatusText={props['StatusText']!r}"
