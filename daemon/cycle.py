@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -33,6 +34,45 @@ T = TypeVar("T")
 USER_BACKOFF_CAP_SECONDS = 6 * 3600.0
 FLUSH_INTERVAL_SECONDS = 0.2
 _DONE = object()
+
+
+class _Backlog:
+    """Claims waiting for a caller: taken-over users first, then the scan's pages.
+
+    The scan's side is bounded (the claimer waits for room, so leases are not taken far
+    ahead of need); taken-over users go to the front, because their lease already ran
+    out once and they have waited longest.
+    """
+
+    _URGENT, _SCAN, _LAST = 0, 1, 2
+
+    def __init__(self, room: int) -> None:
+        self._queue: asyncio.PriorityQueue[tuple[int, int, Any]] = asyncio.PriorityQueue()
+        self._order = itertools.count()
+        self._room = room
+        self._freed = asyncio.Event()
+
+    async def put(self, claim: Claim) -> None:
+        while self._queue.qsize() >= self._room:
+            self._freed.clear()
+            await self._freed.wait()
+        self._queue.put_nowait((self._SCAN, next(self._order), claim))
+
+    def put_urgent(self, claim: Claim) -> None:
+        self._queue.put_nowait((self._URGENT, next(self._order), claim))
+
+    def put_done(self) -> None:
+        """The end marker for one caller; it sorts after every claim."""
+        self._queue.put_nowait((self._LAST, next(self._order), _DONE))
+
+    async def get(self) -> Any:
+        item = (await self._queue.get())[2]
+        if self._queue.qsize() < self._room:
+            self._freed.set()
+        return item
+
+    def empty(self) -> bool:
+        return self._queue.empty()
 
 
 class DbRunner:
@@ -101,7 +141,7 @@ class Cycle:
         self._stop = stop
         self._clock = clock or Clock()
         self._rng = rng or random.Random()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.claim_batch_size)
+        self._queue = _Backlog(room=settings.claim_batch_size)
         self._pending: list[Result] = list(carry)
         self._start_delay = start_delay
         self._paused = paused
@@ -117,7 +157,7 @@ class Cycle:
         self._busy = 0
         self._claiming_done = False
         self._idle = asyncio.Event()
-        self._takeover_seconds = max(0.5, settings.lease_seconds / 2)
+        self._takeover_seconds = max(0.5, settings.lease_seconds / 4)
         self._recorder: asyncio.Task[None] | None = None
 
     async def run(self) -> Report:
@@ -213,7 +253,7 @@ class Cycle:
             self._claim_error = exc
         self._claiming_done = True
         for _ in range(self.settings.concurrency):
-            await self._queue.put(_DONE)
+            self._queue.put_done()
 
     async def _claim(self, cursor: Cursor, stale_before: datetime, orphans: bool = False) -> int:
         claims = await self._bounded_db(
@@ -230,12 +270,15 @@ class Cycle:
             return 0  # too late for this cycle: release_all gives these leases back
         self.progress.claimed += len(claims)
         for claim in claims:
-            await self._queue.put(claim)
+            if orphans:
+                self._queue.put_urgent(claim)
+            else:
+                await self._queue.put(claim)
         return len(claims)
 
     async def _takeover_loop(self, stale_before: datetime) -> None:
         """Take over users whose lease expired under another instance (one that crashed),
-        during this cycle rather than the next: every half lease, while the cycle runs."""
+        during this cycle rather than the next: every quarter lease, while the cycle runs."""
         while True:
             await asyncio.sleep(self._takeover_seconds)
             if self._halt is not None or self._paused():
