@@ -32,36 +32,16 @@ from typing import Any, TypeVar
 import pytest
 
 from daemon.reference_backend import Faults, start_server
+from tests.waiting import POLL_SECONDS, WAIT_SECONDS, wait_until
 
 T = TypeVar("T")
 
-WAIT_SECONDS = 20.0
-POLL_SECONDS = 0.05
 # Variables that would change what the daemon does if the test runner's environment had them.
 _SCRUBBED_PREFIXES = ("SYNC_",)
 _SCRUBBED = frozenset(
     {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "CREDENTIALS_DIRECTORY"}
     | {"STATE_DIRECTORY", "LISTEN_FDS", "LISTEN_PID", "PYTHONWARNINGS"}
 )
-
-
-def wait_until(
-    probe: Callable[[], T | None],
-    *,
-    timeout: float = WAIT_SECONDS,
-    what: str = "condition",
-    describe: Callable[[], str] | None = None,
-) -> T:
-    """Poll `probe` with short sleeps until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{describe()}" if describe is not None else ""
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{detail}")
-        time.sleep(POLL_SECONDS)
 
 
 # -- processes ----------------------------------------------------------------------------

@@ -43,6 +43,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.waiting import wait_until
+
 T = TypeVar("T")
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -86,26 +88,6 @@ POLL_SECONDS = 0.1
 def say(message: str) -> None:
     """A line for the person running the tests (`pytest -s` shows it)."""
     print(f"[systemd box] {message}", file=sys.stderr, flush=True)
-
-
-def wait_until(
-    probe: Callable[[], T | None],
-    *,
-    timeout: float,
-    what: str,
-    describe: Callable[[], str] | None = None,
-    interval: float = POLL_SECONDS,
-) -> T:
-    """Poll `probe` until it returns something truthy; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            detail = f"\n{describe()}" if describe is not None else ""
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{detail}", pytrace=False)
-        time.sleep(interval)
 
 
 class BoxCommandFailed(AssertionError):
