@@ -82,8 +82,6 @@ TEST_ENV = {
     "SYNC_SHUTDOWN_GRACE_SECONDS": "10",
 }
 
-POLL_SECONDS = 0.1
-
 
 def say(message: str) -> None:
     """A line for the person running the tests (`pytest -s` shows it)."""
