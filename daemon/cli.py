@@ -16,9 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from daemon import __version__, envfile, logs
 from daemon import settings as settings_module
 from daemon.app import EX_CONFIG, EX_OK, EX_UNAVAILABLE, App
+from daemon.database import short_error
 from daemon.errors import ConfigError, StoreError
 from daemon.settings import Settings
 
@@ -53,6 +56,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"background-sync: database: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
+    except DBAPIError as exc:  # a command that talks to the database directly
+        print(f"background-sync: database: {short_error(exc)}", file=sys.stderr)
+        return EX_UNAVAILABLE
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -70,7 +76,7 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     try:
         revision = migrate(engine)
     except Exception as exc:  # alembic and drivers raise many kinds; all end the same
-        print(f"background-sync: migrate failed: {exc}", file=sys.stderr)
+        print(f"background-sync: migrate failed: {short_error(exc)}", file=sys.stderr)
         return EX_UNAVAILABLE
     finally:
         engine.dispose()

@@ -128,14 +128,14 @@ class Database:
                     return unit(session)
             except DBAPIError as exc:
                 if not is_transient(exc) or attempt == self._attempts or self.closing.is_set():
-                    raise StoreError(f"{name}: {_short(exc)}") from exc
+                    raise StoreError(f"{name}: {short_error(exc)}") from exc
                 delay = random.uniform(0, min(self._max_delay, self._base_delay * 2**attempt))
                 self._log.warning(
                     "database_retry",
                     unit=name,
                     attempt=attempt,
                     delay_s=round(delay, 3),
-                    error=_short(exc),
+                    error=short_error(exc),
                 )
                 self._sleep(delay)
         raise AssertionError("unreachable")
@@ -154,7 +154,7 @@ class Database:
                 f"SYNC_USERS_TABLE: table {settings.users_table!r} does not exist"
             ) from None
         except DBAPIError as exc:
-            raise StoreError(f"reading the users table: {_short(exc)}") from exc
+            raise StoreError(f"reading the users table: {short_error(exc)}") from exc
         for variable, column in (
             ("SYNC_USER_ID_COLUMN", settings.user_id_column),
             ("SYNC_USER_EMAIL_COLUMN", settings.user_email_column),
@@ -205,7 +205,7 @@ def has_daemon_tables(engine: Engine) -> bool:
     return inspect(engine).has_table("sync_user_state")
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
     """One line of a database error, without SQLAlchemy's long background links."""
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc).strip().splitlines()

@@ -668,3 +668,18 @@ def test_dry_run_logs_who_would_be_synced_and_calls_and_writes_nothing(harness: 
     assert db.query("SELECT count(*) FROM sync_user_state") == [(0,)]
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["migrate"], ["pause"], ["force"], ["cleanup"], ["seed-demo", "--users", "1"]],
+)
+def test_a_command_against_an_unreachable_database_exits_69_with_one_line(
+    harness: Harness, command: list[str]
+) -> None:
+    env = harness.env(SYNC_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/absent")
+    done = harness.cli(*command, env=env)
+    assert done.returncode == 69
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Connection refused" in lines[0]
