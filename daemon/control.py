@@ -106,13 +106,6 @@ def report_instance(
     return db.transaction(unit, name="report_instance")
 
 
-def forget_instance(db: Database, instance: str) -> None:
-    db.transaction(
-        lambda s: s.execute(delete(instances).where(instances.c.instance == instance)),
-        name="forget_instance",
-    )
-
-
 @dataclass(frozen=True)
 class Cleaned:
     leases: int

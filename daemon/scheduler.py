@@ -38,7 +38,3 @@ class Scheduler:
     def seconds_until_next(self) -> float:
         idle = self._schedule.idle_seconds
         return max(0.0, idle) if idle is not None else self.interval
-
-    def restart_countdown(self) -> None:
-        """Count the next interval from now, e.g. after a forced cycle."""
-        self._arm()
