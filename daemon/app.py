@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from daemon import control, envfile, logs, statusweb
+from daemon import control, envfile, logs, schema, statusweb
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
 from daemon.cycle import Clock, Cycle, DbRunner, Report, dry_run
@@ -120,6 +120,7 @@ class App:
         self._watch = Progress()  # bounded waits outside cycles (the control poll)
         self._reload_task: asyncio.Task[None] | None = None
         self._state = "starting"
+        self._schema_problem: str | None = None
 
     # -- public entry points ---------------------------------------------------------
 
@@ -151,6 +152,8 @@ class App:
 
     async def _one_cycle(self) -> int:
         report = await self._start_cycle("once")
+        if report.schema_error is not None:
+            return EX_CONFIG
         if report.outcome == "crashed":
             return EX_TEMPFAIL
         return EX_OK if report.outcome == "succeeded" else EX_FAILED
@@ -182,16 +185,11 @@ class App:
         try:
             await self._wait_for_database(database)
             await self._check_schema(database)
-            users = await self._db_runner(database.reflect_users, self.settings)
+            users = await self._db_runner(schema.inspect_users, database.engine, self.settings)
             self._store = Store(
-                database,
-                users,
-                id_column=self.settings.user_id_column,
-                email_column=self.settings.user_email_column,
-                last_sync_column=self.settings.last_sync_column,
-                instance=self.instance,
-                lease_seconds=self.settings.lease_seconds,
+                database, users, instance=self.instance, lease_seconds=self.settings.lease_seconds
             )
+            await self._advise_index(self._store)
             self._open_http()
             if self.settings.status_address is not None:
                 status_runner, port = await statusweb.start(
@@ -209,6 +207,28 @@ class App:
             await self._close_retired()
             await asyncio.to_thread(self._db_runner.close)
             database.dispose()
+
+    async def _advise_index(self, store: Store) -> None:
+        """Say once, at start-up, when the due scan cannot use an index (and what to run)."""
+        now = self._clock.now()
+        query = store.due_scan_query(
+            now=now,
+            stale_before=now - timedelta(seconds=self.settings.stale_after_seconds),
+            limit=self.settings.claim_batch_size,
+        )
+        statement = await self._db_runner(schema.index_advice, store.db.engine, store.users, query)
+        self._log.info(
+            "users_table_inspected",
+            table=store.users.qualified_name,
+            id_sent_as=store.users.id_kind.value,
+            last_sync_storage=store.users.storage.value,
+        )
+        if statement is not None:
+            self._log.warning(
+                "users_index_missing",
+                detail="each due page reads and sorts the whole users table",
+                run=statement,
+            )
 
     async def _close_retired(self) -> None:
         """Close sessions replaced by a reload, once no cycle can be using them."""
@@ -430,6 +450,9 @@ class App:
         self._last_report = report
         self._carry = report.unrecorded
         self.metrics.record(report, time.time())
+        if report.schema_error is not None:
+            self._schema_refused(report.schema_error)
+            return report
         self._track_database(report)
         if report.circuit_open and not self._stop.is_set():
             self._schedule_probe(self._gate.breaker.reopens_in(time.monotonic()))
@@ -484,6 +507,22 @@ class App:
             # A bug, not a backend or database fault: let systemd restart a clean process.
             self._log.error("cycle_crashed", error=repr(exc), exc_info=exc)
             self._fatal = EX_FAILED
+
+    def _schema_refused(self, error: str) -> None:
+        """The users table no longer fits the configuration: stop with EX_CONFIG.
+
+        The cycle has already drained and released its leases. Restarting would fail the
+        same way, so the exit status is 78, which the unit does not restart.
+        """
+        self._schema_problem = error
+        self._log.error(
+            "schema_error",
+            error=error,
+            detail="the users table does not match the configuration; exiting with 78",
+        )
+        print(f"background-sync: SYNC_USERS_TABLE: {error}", file=sys.stderr)
+        self._fatal = EX_CONFIG
+        self._wake.set()
 
     def _track_database(self, report: Report) -> None:
         ok = report.outcome != "crashed" and not (self._cycle and self._cycle.degraded)
@@ -628,6 +667,8 @@ class App:
 
     def snapshot(self) -> dict[str, Any]:
         reasons = []
+        if self._schema_problem is not None:
+            reasons.append(f"configuration: {self._schema_problem}")
         if self._db_down_since is not None or (self._cycle and self._cycle.degraded):
             reasons.append("database unavailable")
         stalled = self._cycle.progress.overdue() if self._cycle_task and self._cycle else None
@@ -638,7 +679,7 @@ class App:
             "instance": self.instance,
             "state": self._state,
             "status": self.status_line(),
-            "health": "degraded" if reasons else "ok",
+            "health": "unhealthy" if self._schema_problem else "degraded" if reasons else "ok",
             "health_reasons": reasons,
             "cycle": None
             if progress is None or self._cycle is None

@@ -90,7 +90,7 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
-    from daemon import overview
+    from daemon import overview, schema
     from daemon.app import instance_name
     from daemon.database import utcnow
     from daemon.store import Store
@@ -99,10 +99,7 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
     try:
         store = Store(
             db,
-            db.reflect_users(settings),
-            id_column=settings.user_id_column,
-            email_column=settings.user_email_column,
-            last_sync_column=settings.last_sync_column,
+            schema.inspect_users(db.engine, settings),
             instance=instance_name(),
             lease_seconds=settings.lease_seconds,
         )

@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from daemon import backoff
 from daemon.backend import BackendClient
-from daemon.errors import StoreError
+from daemon.errors import SchemaError, StoreError
 from daemon.logs import get_logger
 from daemon.progress import Progress
 from daemon.settings import Settings
@@ -100,6 +100,8 @@ class Report:
     duration_s: float
     error: str | None = None
     circuit_open: bool = False
+    # The database refused a statement for the shape of the users table: a config error.
+    schema_error: str | None = None
     # Results the database did not take in time; the next cycle records them first.
     unrecorded: tuple[Result, ...] = ()
 
@@ -159,6 +161,7 @@ class Cycle:
         self._idle = asyncio.Event()
         self._takeover_seconds = max(0.5, settings.lease_seconds / 4)
         self._recorder: asyncio.Task[None] | None = None
+        self.schema_error: str | None = None
 
     async def run(self) -> Report:
         if self._start_delay > 0:
@@ -180,6 +183,10 @@ class Cycle:
                 )
             self._log.info("cycle_started", due=self.progress.total)
             await self._work(stale_before)
+        except SchemaError as exc:
+            # Not an outage: retrying cannot help, the configuration or schema must change.
+            error = self.schema_error = str(exc)
+            self._log.error("cycle_schema_error", error=error)
         except StoreError as exc:
             error = str(exc)
             self._degrade(exc)
@@ -475,6 +482,10 @@ class Cycle:
         while self._pending and self._clock.monotonic() < deadline:
             try:
                 await self._flush()
+            except SchemaError as exc:
+                self.schema_error = self.schema_error or str(exc)
+                self._log.error("cycle_schema_error", error=str(exc))
+                break
             except StoreError as exc:
                 attempt += 1
                 self._degrade(exc)
@@ -514,6 +525,7 @@ class Cycle:
             duration_s=round(self._clock.monotonic() - start_mono, 3),
             error=error,
             circuit_open=self._circuit_open,
+            schema_error=self.schema_error,
             unrecorded=tuple(self._pending),
         )
         try:

@@ -16,14 +16,13 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, MetaData, Table, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.errors import ConfigError, StoreError
+from daemon.errors import SchemaError, StoreError
 from daemon.logs import get_logger
-from daemon.settings import Settings
 
 T = TypeVar("T")
 
@@ -90,8 +89,30 @@ def aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+_SQLITE_SCHEMA_ERRORS = ("no such table", "no such column", "has no column named")
+
+
+def is_schema_error(exc: BaseException) -> bool:
+    """A statement the database refuses for the tables' shape or rights, not for an outage.
+
+    PostgreSQL's SQLSTATE class 42 (undefined column, table or operator, a type mismatch,
+    insufficient privilege); SQLite's "no such table/column". Retrying cannot help: the
+    configuration or the schema has to change.
+    """
+    if not isinstance(exc, DBAPIError) or exc.connection_invalidated:
+        return False
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith("42")
+    message = str(orig).lower()
+    return any(marker in message for marker in _SQLITE_SCHEMA_ERRORS)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying: a lost connection, a locked or unreachable database."""
+    if is_schema_error(exc):
+        return False
     if isinstance(exc, OperationalError):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
@@ -127,6 +148,8 @@ class Database:
                 with self._sessions.begin() as session:
                     return unit(session)
             except DBAPIError as exc:
+                if is_schema_error(exc):
+                    raise SchemaError(f"{name}: {short_error(exc)}") from exc
                 if not is_transient(exc) or attempt == self._attempts or self.closing.is_set():
                     raise StoreError(f"{name}: {short_error(exc)}") from exc
                 delay = random.uniform(0, min(self._max_delay, self._base_delay * 2**attempt))
@@ -143,28 +166,6 @@ class Database:
     def ping(self) -> None:
         """Raise StoreError unless the database answers a trivial query."""
         self.transaction(lambda s: s.execute(text("SELECT 1")).scalar_one(), name="ping")
-
-    def reflect_users(self, settings: Settings) -> Table:
-        """The application's users table as it really is; a missing name is a config error."""
-        metadata = MetaData()
-        try:
-            table = Table(settings.users_table, metadata, autoload_with=self.engine)
-        except NoSuchTableError:
-            raise ConfigError(
-                f"SYNC_USERS_TABLE: table {settings.users_table!r} does not exist"
-            ) from None
-        except DBAPIError as exc:
-            raise StoreError(f"reading the users table: {short_error(exc)}") from exc
-        for variable, column in (
-            ("SYNC_USER_ID_COLUMN", settings.user_id_column),
-            ("SYNC_USER_EMAIL_COLUMN", settings.user_email_column),
-            ("SYNC_LAST_SYNC_COLUMN", settings.last_sync_column),
-        ):
-            if column not in table.c:
-                raise ConfigError(
-                    f"{variable}: table {settings.users_table!r} has no column {column!r}"
-                )
-        return table
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -30,19 +30,20 @@ CHUNK = 10_000
 
 def users_table(settings: Settings) -> Table:
     """The shape a typical application has: integer id, email, nullable last_sync."""
-    metadata = MetaData()
+    schema, name = settings.users_table_parts
     return Table(
-        settings.users_table,
-        metadata,
+        name,
+        MetaData(),
         Column(settings.user_id_column, Integer, primary_key=True, autoincrement=True),
         Column(settings.user_email_column, String(255), nullable=False),
         Column(settings.last_sync_column, DateTime, nullable=True),
         # Due users are found by last_sync; an application should have this index too.
         Index(
-            f"ix_{settings.users_table}_{settings.last_sync_column}",
+            f"ix_{name}_{settings.last_sync_column}",
             settings.last_sync_column,
             settings.user_id_column,
         ),
+        schema=schema,
     )
 
 

@@ -17,6 +17,11 @@ class ConfigError(SyncError):
     """A setting is invalid; the process exits with status 78 (EX_CONFIG)."""
 
 
+class SchemaError(ConfigError):
+    """The database refused a statement for the shape of its tables (a column or type
+    changed, a right is missing): a configuration problem, never retried as an outage."""
+
+
 class StoreError(SyncError):
     """The database did not answer or refused a statement."""
 

@@ -95,6 +95,12 @@ class Settings:
     database_outage_seconds: float = 600.0
     history_days: float = 14.0
 
+    @property
+    def users_table_parts(self) -> tuple[str | None, str]:
+        """(schema or None, table) of SYNC_USERS_TABLE."""
+        schema, _, name = self.users_table.rpartition(".")
+        return schema or None, name
+
     def redacted(self) -> dict[str, Any]:
         """The settings as check-config prints them: the token itself never appears."""
         shown = asdict(self)
@@ -136,7 +142,7 @@ def load(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> S
         max_requests_per_second=reader.get(
             "SYNC_MAX_REQUESTS_PER_SECOND", _number(0.001, 10**6), None
         ),
-        users_table=reader.get("SYNC_USERS_TABLE", _identifier, "users"),
+        users_table=reader.get("SYNC_USERS_TABLE", _table_name, "users"),
         user_id_column=reader.get("SYNC_USER_ID_COLUMN", _identifier, "id"),
         user_email_column=reader.get("SYNC_USER_EMAIL_COLUMN", _identifier, "email"),
         last_sync_column=reader.get("SYNC_LAST_SYNC_COLUMN", _identifier, "last_sync"),
@@ -252,6 +258,17 @@ def _boolean(raw: str) -> bool:
 def _identifier(raw: str) -> str:
     if not _IDENTIFIER.match(raw):
         raise ValueError("must be a plain SQL identifier (letters, digits, underscore)")
+    return raw
+
+
+def _table_name(raw: str) -> str:
+    """A table, optionally schema-qualified (`app.users`): an identifier on each side."""
+    parts = raw.split(".")
+    if len(parts) > 2 or not all(_IDENTIFIER.match(part) for part in parts):
+        raise ValueError(
+            "must be a table name, optionally schema-qualified (schema.table), "
+            "each part a plain SQL identifier (letters, digits, underscore)"
+        )
     return raw
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Select,
     String,
-    Table,
     and_,
     bindparam,
     cast,
@@ -40,6 +40,7 @@ from sqlalchemy.orm import Session
 
 from daemon.database import Database
 from daemon.models import operations, runs, user_state
+from daemon.schema import UsersTable, wire_id
 
 ERROR_TEXT_LIMIT = 500
 _OUTCOME_FIELDS = (
@@ -62,13 +63,18 @@ class Outcome(enum.StrEnum):
 
 @dataclass(slots=True)
 class Claim:
-    """A user this instance holds a lease on."""
+    """A user this instance holds a lease on.
 
-    user_id: Any
+    `user_id` is the id as the backend and the logs see it (a JSON number for integer
+    ids, text for every other type); `row_id` is the database's own value, for the write.
+    """
+
+    user_id: int | str
     key: str
     email: str
     token: str
     claimed_at: datetime | None = None
+    row_id: Any = None
 
 
 @dataclass(slots=True)
@@ -116,22 +122,21 @@ class Store:
     def __init__(
         self,
         db: Database,
-        users: Table,
+        users: UsersTable,
         *,
-        id_column: str,
-        email_column: str,
-        last_sync_column: str,
         instance: str,
         lease_seconds: float,
     ) -> None:
         self.db = db
         self.instance = instance
         self.lease = timedelta(seconds=lease_seconds)
-        self._users = users
-        self._id = users.c[id_column]
-        self._email = users.c[email_column]
-        self._last_sync = users.c[last_sync_column]
+        self.users = users
+        self._users = users.table
+        self._id = users.table.c[users.id_column]
+        self._email = users.table.c[users.email_column]
+        self._last_sync = users.table.c[users.last_sync_column]
         self._key = cast(self._id, String)
+        self._id_kind = users.id_kind
         self._naive_last_sync = not getattr(self._last_sync.type, "timezone", False)
         self._postgres = db.dialect == "postgresql"
         self._insert = postgresql.insert if self._postgres else sqlite.insert
@@ -152,7 +157,7 @@ class Store:
             ),
         )
         self._mark_synced = (
-            update(users)
+            update(users.table)
             .where(self._id == bindparam("b_id"))
             .where(
                 exists().where(
@@ -160,7 +165,7 @@ class Store:
                     user_state.c.lease_token == bindparam("b_token"),
                 )
             )
-            .values({last_sync_column: bindparam("b_synced_at")})
+            .values({users.last_sync_column: bindparam("b_synced_at", type_=self._last_sync.type)})
         )
 
     # -- reading ---------------------------------------------------------------------
@@ -204,21 +209,7 @@ class Store:
         rows: list[Any] = []
         while len(rows) < limit and not cursor.done:
             want = limit - len(rows)
-            if cursor.phase == "never":
-                query = base.add_columns(self._last_sync).where(self._last_sync.is_(None))
-                if cursor.last_id is not None:
-                    query = query.where(self._id > cursor.last_id)
-                query = query.order_by(self._id)
-            else:
-                query = base.add_columns(self._last_sync).where(
-                    self._last_sync < self._app_time(stale_before)
-                )
-                if cursor.last_id is not None:
-                    query = query.where(
-                        tuple_(self._last_sync, self._id)
-                        > tuple_(literal(cursor.last_sync, self._last_sync.type), cursor.last_id)
-                    )
-                query = query.order_by(self._last_sync, self._id)
+            query = self._page_query(base, cursor, stale_before)
             page = session.execute(query.limit(want)).all()
             rows.extend(page)
             if len(page) < want:
@@ -227,6 +218,33 @@ class Store:
             else:
                 cursor.last_id, cursor.last_sync = page[-1][0], page[-1][3]
         return rows
+
+    def _page_query(self, base: Select[Any], cursor: Cursor, stale_before: datetime) -> Select[Any]:
+        """The next page of one phase, in keyset order (never synced by id, stale by age)."""
+        if cursor.phase == "never":
+            query = base.add_columns(self._last_sync).where(self._last_sync.is_(None))
+            if cursor.last_id is not None:
+                query = query.where(self._id > cursor.last_id)
+            return query.order_by(self._id)
+        query = base.add_columns(self._last_sync).where(
+            self._last_sync < self._app_time(stale_before)
+        )
+        if cursor.last_id is not None:
+            query = query.where(
+                tuple_(self._last_sync, self._id)
+                > tuple_(literal(cursor.last_sync, self._last_sync.type), cursor.last_id)
+            )
+        return query.order_by(self._last_sync, self._id)
+
+    def due_scan_query(self, *, now: datetime, stale_before: datetime, limit: int) -> Select[Any]:
+        """One page of the stale phase as a cycle reads it: what the index advice checks."""
+        base = (
+            select(self._id, self._email, self._key)
+            .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
+            .where(self._eligible(now, None))
+        )
+        cursor = Cursor(phase="stale")
+        return self._page_query(base, cursor, stale_before).limit(limit)
 
     def due_page(
         self, cursor: Cursor, limit: int, *, now: datetime, stale_before: datetime
@@ -237,7 +255,7 @@ class Store:
             rows = self._due_rows(
                 session, cursor, limit, now=now, run_id=None, stale_before=stale_before
             )
-            return [Claim(r[0], r[2], r[1], "") for r in rows]
+            return [self._claim_of(r, "") for r in rows]
 
         return self.db.transaction(unit, name="due_page")
 
@@ -328,7 +346,11 @@ class Store:
             )
             if token == tokens[key]
         }
-        return [Claim(r[0], r[2], r[1], tokens[r[2]], now) for r in rows if r[2] in won]
+        return [self._claim_of(r, tokens[r[2]], now) for r in rows if r[2] in won]
+
+    def _claim_of(self, row: Any, token: str, claimed_at: datetime | None = None) -> Claim:
+        row_id, email, key = row[0], row[1], row[2]
+        return Claim(wire_id(self._id_kind, row_id, key), key, email, token, claimed_at, row_id)
 
     def _skip_locked(self, session: Session, rows: Sequence[Any]) -> list[Any]:
         """Drop users whose state row another instance is claiming right now."""
@@ -377,7 +399,7 @@ class Store:
                     self._mark_synced,
                     [
                         {
-                            "b_id": r.claim.user_id,
+                            "b_id": r.claim.row_id,
                             "b_key": r.claim.key,
                             "b_token": r.claim.token,
                             "b_synced_at": self._app_time(r.finished_at),

@@ -12,12 +12,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import Table, create_engine, select, update
+from sqlalchemy import MetaData, Table, create_engine, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from daemon import demo
+from daemon import demo, schema
 from daemon import settings as settings_module
 from daemon.database import Database, make_engine, migrate
 from daemon.reference_backend import Faults, start_server
@@ -118,15 +118,8 @@ class AppDatabase:
             )
 
     def store(self, *, instance: str = "test-instance", lease_seconds: float = 60) -> Store:
-        return Store(
-            self.db,
-            self.db.reflect_users(self.settings),
-            id_column="id",
-            email_column="email",
-            last_sync_column="last_sync",
-            instance=instance,
-            lease_seconds=lease_seconds,
-        )
+        users = schema.inspect_users(self.db.engine, self.settings)
+        return Store(self.db, users, instance=instance, lease_seconds=lease_seconds)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -141,7 +134,7 @@ def app_db(make_settings: SettingsFactory) -> Iterator[AppDatabase]:
     migrate(engine)
     demo.users_table(settings).metadata.create_all(engine)
     db = Database(engine, base_delay=0.01)
-    yield AppDatabase(settings, db, db.reflect_users(settings))
+    yield AppDatabase(settings, db, Table("users", MetaData(), autoload_with=engine))
     db.dispose()
 
 
