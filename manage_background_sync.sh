@@ -781,7 +781,7 @@ service_cli() {
 # stderr naming the variable otherwise). Runs as root, without touching the database.
 service_check_config() {
     (cd / && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin STATE_DIRECTORY=/var/lib/$SERVICE \
-        "$SERVICE_PYTHON" -m daemon check-config --env-file "$1" >/dev/null)
+        "$SERVICE_PYTHON" -m daemon check-config --offline --env-file "$1" >/dev/null)
 }
 
 # ----------------------------------------------------------------------------- install / uninstall

@@ -652,6 +652,8 @@ class App:
     # -- what operators see ----------------------------------------------------------
 
     def status_line(self) -> str:
+        if self._schema_problem is not None:
+            return f"stopping: configuration error: {self._schema_problem}"[:200]
         prefix = "database unavailable; " if self._db_down_since is not None else ""
         if self._state == "syncing" and self._cycle is not None:
             return prefix + self._cycle.progress.status_line()

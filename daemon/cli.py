@@ -85,8 +85,62 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
-    print(json.dumps(settings.redacted(), indent=2, sort_keys=True, default=str))
+    """The effective settings, and what the users table looks like to the daemon.
+
+    A users table the daemon cannot work with is a configuration error (78); a database
+    that cannot be reached, or a SQLite file not created yet, is said and not an error.
+    """
+    shown = settings.redacted()
+    if args.offline:
+        shown["users_table"] = {"checked": False, "reason": "--offline"}
+    else:
+        shown["users_table"] = _inspect_users_table(settings)
+    print(json.dumps(shown, indent=2, sort_keys=True, default=str))
     return EX_OK
+
+
+def _inspect_users_table(settings: Settings) -> dict[str, Any]:
+    from datetime import timedelta
+
+    from sqlalchemy.engine import make_url
+
+    from daemon import schema
+    from daemon.database import Database, make_engine, utcnow
+    from daemon.store import Store
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        # Opening it would create an empty database where the operator did not expect one.
+        return {"checked": False, "reason": f"the database file {url.database} does not exist"}
+    db = Database(make_engine(settings.database_url), attempts=1)
+    try:
+        users = schema.inspect_users(db.engine, settings)
+        store = Store(db, users, instance="check-config", lease_seconds=settings.lease_seconds)
+        now = utcnow()
+        query = store.due_scan_query(
+            now=now,
+            stale_before=now - timedelta(seconds=settings.stale_after_seconds),
+            limit=settings.claim_batch_size,
+        )
+        advice = schema.index_advice(db.engine, users, query)
+    except StoreError as exc:
+        print(f"background-sync: warning: users table not checked: {exc}", file=sys.stderr)
+        return {"checked": False, "reason": str(exc)}
+    finally:
+        db.dispose()
+    if advice is not None:
+        print(
+            f"background-sync: warning: the due scan on {users.qualified_name} cannot use an "
+            f"index, so every page reads and sorts the whole table; run: {advice}",
+            file=sys.stderr,
+        )
+    return {
+        "checked": True,
+        "table": users.qualified_name,
+        "id_sent_as": users.id_kind.value,
+        "last_sync_storage": users.storage.value,
+        "index": "ok" if advice is None else f"missing: {advice}",
+    }
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
@@ -233,7 +287,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", parents=[env], help="run the daemon in the foreground")
     sub.add_parser("once", parents=[env], help="run one cycle; exit 1 if any user failed")
     sub.add_parser("migrate", parents=[env], help="create or upgrade the daemon's tables")
-    sub.add_parser("check-config", parents=[env], help="print the effective configuration")
+    check = sub.add_parser(
+        "check-config",
+        parents=[env],
+        help="print the effective configuration and check the users table",
+    )
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the settings only; do not connect to the database",
+    )
     status = sub.add_parser("status", parents=[env], help="recent runs, due and failing users")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("pause", parents=[env], help="stop claiming users, on every instance")
