@@ -175,6 +175,7 @@ class Cycle:
         start_mono = self._clock.monotonic()
         stale_before = started - timedelta(seconds=self.settings.stale_after_seconds)
         error: str | None = None
+        bug: Exception | None = None
         try:
             await self._bounded_db("start_run", self._store.start_run, self.run_id, now=started)
             with contextlib.suppress(StoreError):
@@ -191,9 +192,17 @@ class Cycle:
             error = str(exc)
             self._degrade(exc)
             self._log.error("cycle_database_error", error=error)
+        except Exception as exc:
+            # A bug. The run row still gets its outcome (never left "running"), then the
+            # error surfaces to the app, which ends the process for systemd to restart.
+            bug = exc
+            error = f"{type(exc).__name__}: {exc}"
         finally:
             await asyncio.shield(self._wind_down())
-        return await self._report(start_mono, error)
+        report = await self._report(start_mono, error)
+        if bug is not None:
+            raise bug
+        return report
 
     async def _work(self, stale_before: datetime) -> None:
         workers = [

@@ -190,55 +190,72 @@ def _native_storage(settings: Settings, declared: TypeEngine[Any]) -> Storage:
 def _sqlite_storage(
     engine: Engine, settings: Settings, declared: TypeEngine[Any]
 ) -> tuple[Storage, _SqliteTime]:
-    """SQLite keeps any value in any column: decide from what the rows really hold."""
+    """SQLite keeps any value in any column: decide from what the rows really hold.
+
+    One pass over the table counts, per storage class, the values in each text form and
+    with each UTC designator, and the largest magnitude (seconds or milliseconds).
+    """
     where = f"{settings.users_table}.{settings.last_sync_column}"
     schema, name = settings.users_table_parts
     users = table(name, column(settings.last_sync_column), schema=schema)
     value = users.c[settings.last_sync_column]
-    spaced = value.op("GLOB")(f"{_DATE} {_TIME}*")
-    iso = value.op("GLOB")(f"{_DATE}T{_TIME}*")
+
+    def rows_where(condition: Any) -> Any:
+        return func.sum(condition.cast(Integer))
+
+    def ends(length: int) -> Any:
+        return func.substr(value, -length)
+
+    kind = func.typeof(value)
+    query = (
+        select(
+            kind,
+            func.count(),
+            rows_where(value.op("GLOB")(f"{_DATE} {_TIME}*")),
+            rows_where(value.op("GLOB")(f"{_DATE}T{_TIME}*")),
+            rows_where(ends(1) == "Z"),
+            rows_where(ends(6).in_(("+00:00", "-00:00"))),
+            rows_where(ends(6).op("GLOB")("[+-][0-9][0-9]:[0-9][0-9]")),
+            func.max(func.abs(value)),
+        )
+        .where(value.is_not(None))
+        .group_by(kind)
+    )
     with engine.connect() as conn:
-        kinds: dict[str, int] = dict(
-            conn.execute(
-                select(func.typeof(value), func.count()).group_by(func.typeof(value))
-            ).all()
-        )
-        kinds.pop("null", None)
-        if len(kinds) > 1:
-            found = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
-            raise ConfigError(
-                f"SYNC_LAST_SYNC_COLUMN: {where} mixes storage classes ({found}); "
-                "the daemon cannot order or compare such values"
-            )
-        if not kinds:
-            return _empty_column_storage(declared)
-        kind = next(iter(kinds))
-        if kind in ("integer", "real"):
-            top = conn.execute(select(func.max(func.abs(value)))).scalar_one()
-            if kind == "integer" and top >= _MILLIS_FROM:
-                return Storage.UNIX_MILLISECONDS, _SqliteTime(Storage.UNIX_MILLISECONDS)
-            return Storage.UNIX_SECONDS, _SqliteTime(Storage.UNIX_SECONDS, real=kind == "real")
-        if kind != "text":
-            raise ConfigError(f"SYNC_LAST_SYNC_COLUMN: {where} holds {kind} values, not times")
-        counts = conn.execute(
-            select(
-                func.count(),
-                func.sum(spaced.cast(Integer)),
-                func.sum(iso.cast(Integer)),
-            ).where(value.is_not(None))
-        ).one()
-        total, spaced_rows, iso_rows = (int(n or 0) for n in counts)
-        if spaced_rows == total and _all_naive(conn, value):
-            return Storage.TEXT, _SqliteTime(Storage.TEXT)
-        if iso_rows == total:
-            suffix = _iso_suffix(conn, value, where)
-            return Storage.ISO8601, _SqliteTime(Storage.ISO8601, suffix=suffix)
-        other = total - spaced_rows - iso_rows
+        found = {row[0]: row[1:] for row in conn.execute(query)}
+    if len(found) > 1:
+        listed = ", ".join(f"{row[0]} {k}" for k, row in sorted(found.items()))
         raise ConfigError(
-            f"SYNC_LAST_SYNC_COLUMN: {where} holds text the daemon cannot order as times "
-            f"({spaced_rows} 'YYYY-MM-DD HH:MM:SS', {iso_rows} 'YYYY-MM-DDTHH:MM:SS', "
-            f"{other} other, or with a time-zone offset); use one form, in UTC"
+            f"SYNC_LAST_SYNC_COLUMN: {where} mixes storage classes ({listed}); "
+            "the daemon cannot order or compare such values"
         )
+    if not found:
+        return _empty_column_storage(declared)
+    ((storage_class, counts),) = found.items()
+    total, spaced, iso, zulu, utc, offset = (int(n or 0) for n in counts[:6])
+    if storage_class in ("integer", "real"):
+        if storage_class == "integer" and counts[6] >= _MILLIS_FROM:
+            return Storage.UNIX_MILLISECONDS, _SqliteTime(Storage.UNIX_MILLISECONDS)
+        real = storage_class == "real"
+        return Storage.UNIX_SECONDS, _SqliteTime(Storage.UNIX_SECONDS, real=real)
+    if storage_class != "text":
+        raise ConfigError(f"SYNC_LAST_SYNC_COLUMN: {where} holds {storage_class} values, not times")
+    if offset > utc:
+        # ISO-8601 text orders as time only when every value is in the same zone.
+        raise ConfigError(
+            f"SYNC_LAST_SYNC_COLUMN: {where} holds times with offsets other than UTC; "
+            "such text does not order as time: store UTC"
+        )
+    if spaced == total and not (zulu or utc):
+        return Storage.TEXT, _SqliteTime(Storage.TEXT)
+    if iso == total:
+        suffix = "+00:00" if utc else "Z" if zulu else ""
+        return Storage.ISO8601, _SqliteTime(Storage.ISO8601, suffix=suffix)
+    raise ConfigError(
+        f"SYNC_LAST_SYNC_COLUMN: {where} holds text the daemon cannot order as times "
+        f"({spaced} 'YYYY-MM-DD HH:MM:SS', {iso} 'YYYY-MM-DDTHH:MM:SS', "
+        f"{total - spaced - iso} other); use one form, in UTC"
+    )
 
 
 def _empty_column_storage(declared: TypeEngine[Any]) -> tuple[Storage, _SqliteTime]:
@@ -249,43 +266,6 @@ def _empty_column_storage(declared: TypeEngine[Any]) -> tuple[Storage, _SqliteTi
     if isinstance(declared, Float | Numeric):
         return Storage.UNIX_SECONDS, _SqliteTime(Storage.UNIX_SECONDS, real=True)
     return Storage.TEXT, _SqliteTime(Storage.TEXT)
-
-
-def _all_naive(conn: Any, value: Any) -> bool:
-    """Text in SQLAlchemy's form carries no offset; one that does is not ours to guess."""
-    offset = value.op("GLOB")("*[+-][0-9][0-9]:[0-9][0-9]").cast(Integer)
-    zulu = value.op("GLOB")("*Z").cast(Integer)
-    with_zone = conn.execute(select(func.sum(offset) + func.sum(zulu))).scalar_one()
-    return not with_zone
-
-
-def _iso_suffix(conn: Any, value: Any, where: str) -> str:
-    """The UTC designator the rows use ('', 'Z' or '+00:00'); other offsets are refused.
-
-    ISO-8601 text orders as time only when every value is in the same zone.
-    """
-    suffixes = {
-        "Z": value.op("GLOB")("*Z"),
-        "+00:00": value.op("GLOB")("*[+-]00:00"),
-        "+0000": value.op("GLOB")("*[+-]0000"),
-        "offset": value.op("GLOB")("*[+-][0-9][0-9]:[0-9][0-9]")
-        | value.op("GLOB")("*T*[+-][0-9][0-9][0-9][0-9]"),
-    }
-    found = {
-        key: int(conn.execute(select(func.count()).where(condition)).scalar_one())
-        for key, condition in suffixes.items()
-    }
-    utc = found["+00:00"] + found["+0000"]
-    if found["offset"] > utc:
-        raise ConfigError(
-            f"SYNC_LAST_SYNC_COLUMN: {where} holds ISO-8601 times with offsets other than UTC; "
-            "such text does not order as time: store UTC"
-        )
-    if found["+00:00"]:
-        return "+00:00"
-    if found["+0000"]:
-        return "+0000"
-    return "Z" if found["Z"] else ""
 
 
 def wire_id(kind: IdKind, row_id: Any, key: str) -> int | str:

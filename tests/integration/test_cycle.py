@@ -393,3 +393,36 @@ async def test_a_user_failing_again_and_again_is_quarantined_then_probed_and_rec
     assert (report.succeeded, report.failed) == (2, 0)  # user 2 was stale again too
     assert failures_of(app_db)["1"] == 0
     assert 1 in synced(app_db)
+
+
+async def test_a_bug_in_a_call_closes_the_run_as_crashed_and_surfaces(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    """A run row never stays "running" after a bug; leases go back; the error propagates."""
+
+    class Broken(BackendClient):
+        async def sync_user(self, claim: Any, *, run_id: str, progress: Any = None) -> Any:
+            raise RuntimeError("a bug in the client")
+
+    app_db.seed(5)
+    settings = make_settings(SYNC_BACKEND_URL=backend.url)
+    db = DbRunner()
+    session = BackendClient.open_session(settings)
+    try:
+        cycle = Cycle(
+            settings,
+            app_db.store(lease_seconds=settings.lease_seconds),
+            Broken(settings, session),
+            db,
+            stop=asyncio.Event(),
+        )
+        with pytest.raises(RuntimeError, match="a bug in the client"):
+            await cycle.run()
+    finally:
+        await session.close()
+        db.close()
+    with app_db.db.engine.connect() as conn:
+        row = conn.execute(select(runs.c.outcome, runs.c.error)).one()
+    assert row.outcome == "crashed"
+    assert row.error == "RuntimeError: a bug in the client"
+    assert held_leases(app_db) == 0
