@@ -212,7 +212,6 @@ class App:
         """Say once, at start-up, when the due scan cannot use an index (and what to run)."""
         now = self._clock.now()
         query = store.due_scan_query(
-            now=now,
             stale_before=now - timedelta(seconds=self.settings.stale_after_seconds),
             limit=self.settings.claim_batch_size,
         )

@@ -118,7 +118,6 @@ def _inspect_users_table(settings: Settings) -> dict[str, Any]:
         store = Store(db, users, instance="check-config", lease_seconds=settings.lease_seconds)
         now = utcnow()
         query = store.due_scan_query(
-            now=now,
             stale_before=now - timedelta(seconds=settings.stale_after_seconds),
             limit=settings.claim_batch_size,
         )

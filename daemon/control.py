@@ -3,6 +3,10 @@
 `pause`, `resume` and `force` write one row (`sync_control`, id 1) that every running
 instance reads every few seconds; `cleanup` records and frees what crashed instances
 left behind. Nothing here needs the daemon to be running, or to be local.
+
+Liveness is judged on the database's clock (`daemon.dbclock`): instances write their
+heartbeats with it and `cleanup` compares with it, so a host whose clock is off never
+makes another instance's live work look abandoned.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from daemon import __version__
+from daemon import __version__, dbclock
 from daemon.database import Database, aware
 from daemon.models import control, instances, operations, runs, user_state
 
@@ -83,9 +87,13 @@ def report_instance(
     circuit: str,
     status: str,
 ) -> Control:
-    """Refresh this instance's row and read the control row, in one short transaction."""
+    """Refresh this instance's row and read the control row, in one short transaction.
+
+    The heartbeat is the database's time (`cleanup` compares it with that); `now` is
+    not used.
+    """
     values: dict[str, Any] = {
-        "heartbeat_at": now,
+        "heartbeat_at": dbclock.now(db.dialect),
         "state": state,
         "circuit": circuit,
         "status": status[:255],
@@ -118,13 +126,17 @@ def cleanup(db: Database, *, now: datetime, stale_after: timedelta) -> Cleaned:
 
     An expired lease is claimable anyway; cleaning it up makes the abandonment visible
     in `status` and in the operations history, with who held it and since when.
+    "Expired" and "silent for `stale_after`" are judged on the database's clock; `now`
+    (the caller's clock) only dates the records this writes.
     """
+    db_now = dbclock.now(db.dialect)
+    silent_since = dbclock.after(db.dialect, -stale_after.total_seconds())
 
     def unit(session: Session) -> Cleaned:
         s = user_state.c
         expired = session.execute(
             select(s.user_key, s.lease_owner, s.lease_token, s.last_attempt_at, s.lease_expires_at)
-            .where(s.lease_owner.is_not(None), s.lease_expires_at < now)
+            .where(s.lease_owner.is_not(None), s.lease_expires_at < db_now)
             .with_for_update(skip_locked=True)
         ).all()
         if expired:
@@ -149,17 +161,17 @@ def cleanup(db: Database, *, now: datetime, stale_after: timedelta) -> Cleaned:
                 update(user_state)
                 .where(
                     s.user_key.in_([row.user_key for row in expired]),
-                    s.lease_expires_at < now,
+                    s.lease_expires_at < db_now,
                 )
                 .values(lease_owner=None, lease_token=None, lease_expires_at=None)
             )
         dead_runs = session.execute(
             update(runs)
-            .where(runs.c.outcome == "running", runs.c.heartbeat_at < now - stale_after)
+            .where(runs.c.outcome == "running", runs.c.heartbeat_at < silent_since)
             .values(outcome="abandoned", finished_at=now, error="run heartbeat stopped")
         ).rowcount  # type: ignore[attr-defined]
         gone = session.execute(
-            delete(instances).where(instances.c.heartbeat_at < now - stale_after)
+            delete(instances).where(instances.c.heartbeat_at < silent_since)
         ).rowcount  # type: ignore[attr-defined]
         return Cleaned(leases=len(expired), runs=int(dead_runs or 0), instances=int(gone or 0))
 

@@ -4,6 +4,12 @@ Leases make "one sync in flight per user" hold across instances. A claim writes 
 token into the user's state row; every later write for that claim carries the token in
 its WHERE clause, so an instance whose lease expired and was taken over writes nothing.
 
+Every time that decides who may call a user (lease expiry, per-user backoff, the run
+heartbeat `cleanup` judges) is the database's clock, computed and compared inside the
+statements (`daemon.dbclock`): instances whose clocks disagree still agree on leases.
+The `now` arguments are the instance's own clock; they only date what the instance
+observed (claimed_at, started_at, finished_at) and the cycle's staleness threshold.
+
 Work is done in batches (one claim statement per page, one transaction per batch of
 results) because per-user transactions would cost more CPU than the HTTP calls they
 record.
@@ -20,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Float,
     Select,
     String,
     and_,
@@ -38,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from daemon import dbclock
 from daemon.database import Database
 from daemon.models import operations, runs, user_state
 from daemon.schema import UsersTable, wire_id
@@ -140,8 +148,13 @@ class Store:
         self._naive_last_sync = not getattr(self._last_sync.type, "timezone", False)
         self._postgres = db.dialect == "postgresql"
         self._insert = postgresql.insert if self._postgres else sqlite.insert
-        take = self._insert(user_state)
-        # Executed with many rows at once; a live lease (not expired) is left alone.
+        self._db_now = dbclock.now(db.dialect)
+        self._lease_end = dbclock.after(db.dialect, lease_seconds)
+        # Executed with many rows at once: the times are SQL, the same for every row;
+        # the other columns come from the parameter list. A live lease is left alone.
+        take = self._insert(user_state).values(
+            lease_expires_at=self._lease_end, last_attempt_at=self._db_now
+        )
         self._take_lease = take.on_conflict_do_update(
             index_elements=[user_state.c.user_key],
             set_={
@@ -153,7 +166,7 @@ class Store:
             },
             where=or_(
                 user_state.c.lease_expires_at.is_(None),
-                user_state.c.lease_expires_at < bindparam("b_now"),
+                user_state.c.lease_expires_at < self._db_now,
             ),
         )
         self._mark_synced = (
@@ -174,12 +187,15 @@ class Store:
         """A UTC instant in the form the application's last_sync column stores."""
         return value.replace(tzinfo=None) if self._naive_last_sync else value
 
-    def _eligible(self, now: datetime, run_id: str | None) -> ColumnElement[bool]:
-        """Not leased, not backing off, and not already claimed by this same run."""
+    def _eligible(self, run_id: str | None) -> ColumnElement[bool]:
+        """Not leased, not backing off, and not already claimed by this same run.
+
+        Both times are compared with the database's clock, never the instance's.
+        """
         s = user_state.c
         conditions = [
-            or_(s.lease_expires_at.is_(None), s.lease_expires_at < now),
-            or_(s.next_attempt_at.is_(None), s.next_attempt_at <= now),
+            or_(s.lease_expires_at.is_(None), s.lease_expires_at < self._db_now),
+            or_(s.next_attempt_at.is_(None), s.next_attempt_at <= self._db_now),
         ]
         if run_id is not None:
             conditions.append(or_(s.last_run_id.is_(None), s.last_run_id != run_id))
@@ -191,7 +207,6 @@ class Store:
         cursor: Cursor,
         limit: int,
         *,
-        now: datetime,
         run_id: str | None,
         stale_before: datetime,
         orphans: bool = False,
@@ -199,7 +214,7 @@ class Store:
         base = (
             select(self._id, self._email, self._key)
             .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
-            .where(self._eligible(now, run_id))
+            .where(self._eligible(run_id))
         )
         if orphans:
             # Only users whose lease another holder let expire: a crashed instance's work.
@@ -236,12 +251,12 @@ class Store:
             )
         return query.order_by(self._last_sync, self._id)
 
-    def due_scan_query(self, *, now: datetime, stale_before: datetime, limit: int) -> Select[Any]:
+    def due_scan_query(self, *, stale_before: datetime, limit: int) -> Select[Any]:
         """One page of the stale phase as a cycle reads it: what the index advice checks."""
         base = (
             select(self._id, self._email, self._key)
             .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
-            .where(self._eligible(now, None))
+            .where(self._eligible(None))
         )
         cursor = Cursor(phase="stale")
         return self._page_query(base, cursor, stale_before).limit(limit)
@@ -249,17 +264,19 @@ class Store:
     def due_page(
         self, cursor: Cursor, limit: int, *, now: datetime, stale_before: datetime
     ) -> list[Claim]:
-        """Due users without claiming them (dry runs): no token, nothing written."""
+        """Due users without claiming them (dry runs): no token, nothing written.
+
+        `now` is not used: eligibility is decided on the database's clock.
+        """
 
         def unit(session: Session) -> list[Claim]:
-            rows = self._due_rows(
-                session, cursor, limit, now=now, run_id=None, stale_before=stale_before
-            )
+            rows = self._due_rows(session, cursor, limit, run_id=None, stale_before=stale_before)
             return [self._claim_of(r, "") for r in rows]
 
         return self.db.transaction(unit, name="due_page")
 
     def count_due(self, *, now: datetime, stale_before: datetime) -> int:
+        """How many users are due; `now` is not used (eligibility is the database's clock)."""
         query = (
             select(func.count())
             .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
@@ -268,7 +285,7 @@ class Store:
                     self._last_sync.is_(None),
                     self._last_sync < self._app_time(stale_before),
                 ),
-                self._eligible(now, None),
+                self._eligible(None),
             )
         )
         return self.db.transaction(lambda s: int(s.execute(query).scalar_one()), name="count_due")
@@ -288,6 +305,8 @@ class Store:
         """Lease up to `limit` due users for this instance, in one short transaction.
 
         With `orphans`, only users whose lease expired under another instance are taken.
+        The lease runs SYNC_LEASE_SECONDS from the database's clock; `now` (this
+        instance's clock) only dates the claim in the operations history.
         """
 
         def unit(session: Session) -> list[Claim]:
@@ -297,7 +316,6 @@ class Store:
                     session,
                     cursor,
                     limit,
-                    now=now,
                     run_id=run_id,
                     stale_before=stale_before,
                     orphans=orphans,
@@ -321,7 +339,6 @@ class Store:
                 return []
         s = user_state.c
         tokens = {row[2]: uuid.uuid4().hex for row in rows}
-        expires = now + self.lease
         session.execute(
             self._take_lease,
             [
@@ -329,11 +346,8 @@ class Store:
                     "user_key": key,
                     "lease_owner": self.instance,
                     "lease_token": token,
-                    "lease_expires_at": expires,
-                    "last_attempt_at": now,
                     "last_run_id": run_id,
                     "consecutive_failures": 0,
-                    "b_now": now,
                 }
                 for key, token in tokens.items()
             ],
@@ -375,7 +389,10 @@ class Store:
         backoff: Callable[[int], float],
         quarantine_after: int = 0,
     ) -> Finished:
-        """Record a batch of results; last_sync moves only for successes still leased."""
+        """Record a batch of results; last_sync moves only for successes still leased.
+
+        A failure's backoff runs from the database's clock; `now` is not used.
+        """
         if not results:
             return Finished()
 
@@ -407,7 +424,7 @@ class Store:
                         for r in successes
                     ],
                 )
-            self._update_states(session, held, current, now=now, backoff=backoff)
+            self._update_states(session, held, current, backoff=backoff)
             self._close_operations(session, results, lost, run_id)
             quarantined = [
                 r
@@ -426,7 +443,6 @@ class Store:
         held: Iterable[Result],
         current: dict[str, tuple[str | None, int]],
         *,
-        now: datetime,
         backoff: Callable[[int], float],
     ) -> None:
         s = user_state.c
@@ -442,7 +458,7 @@ class Store:
                     | {
                         "last_success_at": r.finished_at,
                         "consecutive_failures": 0,
-                        "next_attempt_at": None,
+                        "b_backoff": None,
                         "last_status": r.http_status,
                         "last_error": None,
                     }
@@ -454,7 +470,7 @@ class Store:
                     | {
                         "last_success_at": None,
                         "consecutive_failures": failures,
-                        "next_attempt_at": now + timedelta(seconds=backoff(failures)),
+                        "b_backoff": backoff(failures),
                         "last_status": r.http_status,
                         "last_error": _clip(r.error),
                     }
@@ -473,7 +489,10 @@ class Store:
                         s.last_success_at,
                     ),
                     consecutive_failures=bindparam("consecutive_failures"),
-                    next_attempt_at=bindparam("next_attempt_at", type_=s.next_attempt_at.type),
+                    # NULL (a success) clears the backoff; a failure's runs from db time.
+                    next_attempt_at=dbclock.after(
+                        self.db.dialect, bindparam("b_backoff", type_=Float)
+                    ),
                     last_status=bindparam("last_status", type_=s.last_status.type),
                     last_error=bindparam("last_error", type_=s.last_error.type),
                 ),
@@ -527,16 +546,22 @@ class Store:
     # -- leases and runs -------------------------------------------------------------
 
     def heartbeat(self, run_id: str, *, now: datetime) -> int:
-        """Extend every live lease this instance holds; return how many were renewed."""
+        """Extend every live lease this instance holds; return how many were renewed.
+
+        "Live" and the new expiry are the database's clock, as is the run's heartbeat
+        that `cleanup` judges; `now` is not used.
+        """
 
         def unit(session: Session) -> int:
             s = user_state.c
             renewed = session.execute(
                 update(user_state)
-                .where(s.lease_owner == self.instance, s.lease_expires_at >= now)
-                .values(lease_expires_at=now + self.lease)
+                .where(s.lease_owner == self.instance, s.lease_expires_at >= self._db_now)
+                .values(lease_expires_at=self._lease_end)
             ).rowcount  # type: ignore[attr-defined]
-            session.execute(update(runs).where(runs.c.id == run_id).values(heartbeat_at=now))
+            session.execute(
+                update(runs).where(runs.c.id == run_id).values(heartbeat_at=self._db_now)
+            )
             return int(renewed or 0)
 
         return self.db.transaction(unit, name="heartbeat")
@@ -562,13 +587,14 @@ class Store:
         return self.db.transaction(unit, name="release_all")
 
     def start_run(self, run_id: str, *, now: datetime) -> None:
+        """Open the run's row: started at `now` (ours), heartbeat on the database's clock."""
         self.db.transaction(
             lambda s: s.execute(
                 insert(runs).values(
                     id=run_id,
                     instance=self.instance,
                     started_at=now,
-                    heartbeat_at=now,
+                    heartbeat_at=self._db_now,
                     outcome="running",
                 )
             ),
@@ -593,7 +619,7 @@ class Store:
                 .where(runs.c.id == run_id)
                 .values(
                     finished_at=now,
-                    heartbeat_at=now,
+                    heartbeat_at=self._db_now,
                     outcome=outcome,
                     claimed=claimed,
                     succeeded=succeeded,

@@ -6,7 +6,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from sqlalchemy.pool import NullPool
 from daemon import demo, schema
 from daemon import settings as settings_module
 from daemon.database import Database, make_engine, migrate
+from daemon.models import user_state
 from daemon.reference_backend import Faults, start_server
 from daemon.settings import Settings
 from daemon.store import Store
@@ -116,6 +117,23 @@ class AppDatabase:
             conn.execute(
                 update(self.users).where(self.users.c.id == user_id).values(last_sync=naive)
             )
+
+    def let_time_pass(self, seconds: float) -> None:
+        """As if `seconds` passed on the database's clock, which leases and backoff run on:
+        every lease expiry and backoff moves back by that much."""
+        s = user_state.c
+        shift = timedelta(seconds=seconds)
+        with self.db.engine.begin() as conn:
+            rows = conn.execute(select(s.user_key, s.lease_expires_at, s.next_attempt_at)).all()
+            for key, expires, backoff in rows:
+                conn.execute(
+                    update(user_state)
+                    .where(s.user_key == key)
+                    .values(
+                        lease_expires_at=expires - shift if expires else None,
+                        next_attempt_at=backoff - shift if backoff else None,
+                    )
+                )
 
     def store(self, *, instance: str = "test-instance", lease_seconds: float = 60) -> Store:
         users = schema.inspect_users(self.db.engine, self.settings)

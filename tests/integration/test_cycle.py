@@ -380,6 +380,7 @@ async def test_a_user_failing_again_and_again_is_quarantined_then_probed_and_rec
         for _ in range(3):
             await run_cycle(app_db, make_settings, backend.url, clock=clock, **env)
             clock.at += timedelta(hours=2)
+            app_db.let_time_pass(2 * 3600)  # the backoff runs on the database's clock
     assert failures_of(app_db)["1"] == 3
     assert [e["user_id"] for e in logs if e["event"] == "user_quarantined"] == [1]
 
@@ -389,6 +390,7 @@ async def test_a_user_failing_again_and_again_is_quarantined_then_probed_and_rec
 
     await backend.faults()  # whatever broke this user is fixed
     clock.at += timedelta(hours=25)
+    app_db.let_time_pass(25 * 3600)
     report = await run_cycle(app_db, make_settings, backend.url, clock=clock, **env)
     assert (report.succeeded, report.failed) == (2, 0)  # user 2 was stale again too
     assert failures_of(app_db)["1"] == 0

@@ -1,4 +1,8 @@
-"""Claims, leases and fenced writes against a real SQLite file."""
+"""Claims, leases and fenced writes against a real SQLite file and PostgreSQL.
+
+Leases and backoff run on the database's clock, so a test lets time pass for them with
+`AppDatabase.let_time_pass` (it moves the stored times back), not with a later `now`.
+"""
 
 from __future__ import annotations
 
@@ -65,8 +69,8 @@ def test_a_leased_user_is_not_claimed_by_another_instance(app_db: AppDatabase) -
 def test_an_expired_lease_is_claimable_at_once(app_db: AppDatabase) -> None:
     app_db.seed(2)
     claim_all(app_db.store(instance="crashed", lease_seconds=60))
-    later = NOW + timedelta(seconds=61)
-    taken = claim_all(app_db.store(instance="survivor"), now=later)
+    app_db.let_time_pass(61)
+    taken = claim_all(app_db.store(instance="survivor"), now=NOW + timedelta(seconds=61))
     assert sorted(c.user_id for c in taken) == [1, 2]
 
 
@@ -88,6 +92,7 @@ def test_a_stale_lease_tokens_write_changes_nothing(app_db: AppDatabase) -> None
     slow = app_db.store(instance="slow", lease_seconds=60)
     (old_claim,) = claim_all(slow)
     later = NOW + timedelta(seconds=90)
+    app_db.let_time_pass(90)
     fast = app_db.store(instance="fast", lease_seconds=60)
     (new_claim,) = claim_all(fast, now=later)
     assert new_claim.token != old_claim.token
@@ -122,7 +127,9 @@ def test_failed_call_never_advances_last_sync_and_backs_the_user_off(
     assert state.last_error == "HTTP 503"
     assert state.lease_owner is None
     # backing off: not due 5 minutes later, due again after the backoff
+    app_db.let_time_pass(300)
     assert claim_all(store, now=NOW + timedelta(minutes=5)) == []
+    app_db.let_time_pass(360)
     assert len(claim_all(store, now=NOW + timedelta(minutes=11))) == 1
 
 
@@ -133,6 +140,7 @@ def test_one_success_resets_the_failure_count(app_db: AppDatabase) -> None:
     store.finish(
         [Result(claim, Outcome.FAILED, NOW, error="x")], run_id="r", now=NOW, backoff=lambda n: 1
     )
+    app_db.let_time_pass(5)
     (claim,) = claim_all(store, now=NOW + timedelta(seconds=5))
     succeed(store, [claim], at=NOW + timedelta(seconds=5))
     with app_db.db.engine.connect() as conn:
@@ -178,8 +186,10 @@ def test_heartbeat_renews_live_leases_and_release_gives_them_back(app_db: AppDat
     store = app_db.store(lease_seconds=60)
     store.start_run("run1", now=NOW)
     claim_all(store)
+    app_db.let_time_pass(30)
     assert store.heartbeat("run1", now=NOW + timedelta(seconds=30)) == 3
     # renewed to 30 + 60 s: still held at +80 s
+    app_db.let_time_pass(50)
     assert claim_all(app_db.store(instance="other"), now=NOW + timedelta(seconds=80)) == []
     assert store.release_all() == 3
     assert len(claim_all(app_db.store(instance="other"), now=NOW + timedelta(seconds=81))) == 3

@@ -346,7 +346,7 @@ async def test_a_schema_qualified_users_table_is_synced(
 def advice(engine: Engine, settings: Settings) -> str | None:
     users = schema.inspect_users(engine, settings)
     store = Store(Database(engine), users, instance="advice", lease_seconds=60)
-    query = store.due_scan_query(now=NOW, stale_before=NOW - timedelta(hours=1), limit=256)
+    query = store.due_scan_query(stale_before=NOW - timedelta(hours=1), limit=256)
     return schema.index_advice(engine, users, query)
 
 
