@@ -32,6 +32,9 @@ RETRY_AFTER_CAP_SECONDS = 300.0
 POLL_INTERVAL_START_SECONDS = 0.2
 POLL_INTERVAL_CAP_SECONDS = 10.0
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# What aiohttp decompresses (brotli and zstd only when their modules are installed; when
+# they are not, reading such a body fails). Any other Content-Encoding reaches us raw.
+DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
 MAX_QUOTED_CHARS = 200  # how much of a header value chosen by the backend reaches an error
 
 
@@ -242,6 +245,15 @@ class BackendClient:
                 status,
                 f"response body larger than {self._settings.response_max_bytes} bytes",
             )
+        encoding = _foreign_encoding(response)
+        if encoding is not None and raw:
+            if 200 <= status < 300 and status != 202:
+                return _Attempt(
+                    Outcome.FAILED,
+                    status,
+                    f"response body in a Content-Encoding that is not decoded: {encoding}",
+                )
+            raw = b""  # what it says cannot be read: only the headers count
         if status == 202:
             body = _json_or_none(raw)
             link = response.headers.get("Location") or (
@@ -325,6 +337,7 @@ class BackendClient:
                             Outcome.FAILED, status, f"progress polling: {_redirect_error(response)}"
                         )
                     raw, too_large = await self._read_capped(response)
+                    too_large = too_large or (bool(raw) and _foreign_encoding(response) is not None)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 failures += 1
                 if failures > self._settings.max_retries:
@@ -418,12 +431,18 @@ def _progress_url(request_url: URL, link: str) -> tuple[str | None, str]:
     return str(url), ""
 
 
+def _foreign_encoding(response: aiohttp.ClientResponse) -> str | None:
+    """A Content-Encoding aiohttp left undecoded (quoted), or None: such a body is opaque."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    return None if encoding in DECODED_ENCODINGS else _quote(encoding)
+
+
 def _redirect_error(response: aiohttp.ClientResponse) -> str:
     """A 3xx is never followed: say where it pointed, so the operator can fix the URL."""
     status = f"HTTP {response.status} {response.reason or ''}".strip()
     location = response.headers.get("Location")
     if location is None:
-        return f"{status}: a redirect without a Location, not followed"
+        return f"{status}: a 3xx without a Location, not followed"
     return f"{status}: redirected to {_quote(location)}, not followed"
 
 
