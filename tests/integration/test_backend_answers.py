@@ -6,6 +6,7 @@ or the reference backend with one of its fault switches, and read by the real cl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +19,7 @@ from structlog.testing import capture_logs
 
 from daemon import reference_backend
 from daemon import settings as settings_module
-from daemon.backend import BackendClient, CallOutcome
+from daemon.backend import BackendClient, CallOutcome, Gate
 from daemon.settings import Settings
 from daemon.store import Claim, Outcome
 from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
@@ -257,3 +258,54 @@ def test_quote_keeps_an_error_line_printable() -> None:
     from daemon.backend import _quote
 
     assert _quote("/a\nb\udc80") == '"/a\\nb\\udc80"'
+
+
+class ExplodingGate(Gate):
+    """A gate with a bug on its first answer: stands in for any error nobody foresaw."""
+
+    def __init__(self) -> None:
+        self.exploded = False
+
+    def record(self, healthy: bool, retry_after: float | None) -> None:
+        if not self.exploded:
+            self.exploded = True
+            raise RuntimeError("bookkeeping bug")
+
+
+async def test_an_unforeseen_error_on_one_answer_fails_that_user_and_the_cycle_goes_on(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(3)
+    with capture_logs() as logs:
+        report = await run_cycle(
+            app_db, make_settings, backend.url, gate=ExplodingGate(), SYNC_CONCURRENCY="1"
+        )
+    assert (report.failed, report.succeeded) == (1, 2)
+    assert synced(app_db) == {2, 3}
+    [unexpected] = [e for e in logs if e["event"] == "backend_unexpected_error"]
+    assert unexpected["user_id"] == 1
+    assert unexpected["error"] == (
+        "unexpected error handling the answer: RuntimeError: bookkeeping bug"
+    )
+
+
+async def test_cancellation_still_goes_through_the_per_user_boundary(
+    client_settings: Callable[..., Settings], backend: ReferenceBackend
+) -> None:
+    await backend.faults(hang_rate=1.0)
+    async with backend_client(client_settings(backend.url)) as client:
+        call = asyncio.ensure_future(
+            client.sync_user(Claim(1, "1", "a@example.com", "t"), run_id="r")
+        )
+        await wait_for_in_flight(backend)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+
+async def wait_for_in_flight(backend: ReferenceBackend) -> None:
+    for _ in range(400):
+        if (await backend.stats())["in_flight"] == 1:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail("the request never reached the backend")
