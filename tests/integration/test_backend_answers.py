@@ -254,12 +254,6 @@ async def test_answers_that_once_crashed_the_daemon_fail_only_their_own_user(
     assert report.succeeded == stats["successes"]
 
 
-def test_quote_keeps_an_error_line_printable() -> None:
-    from daemon.backend import _quote
-
-    assert _quote("/a\nb\udc80") == '"/a\\nb\\udc80"'
-
-
 class ExplodingGate(Gate):
     """A gate with a bug on its first answer: stands in for any error nobody foresaw."""
 
