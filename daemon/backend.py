@@ -1,8 +1,10 @@
 """The backend client: one aiohttp session for the process, the contract's rules per answer.
 
-Every failure a backend can produce (a timeout, a reset, a 5xx, a body that is not JSON or
-far too large) ends as a CallOutcome for that one user. Nothing here raises into the cycle
-except cancellation, which must propagate so that shutdown can cut in-flight calls.
+Every failure a backend can produce (a timeout, a reset, a 5xx, a redirect, a body that is
+not JSON, nested too deep or far too large once decompressed) ends as a CallOutcome for that
+one user. Nothing here raises into the cycle except cancellation, which must propagate so
+that shutdown can cut in-flight calls; anything else that goes wrong while handling one
+answer fails that user, because the next user's answer may be fine.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urljoin
 
 import aiohttp
+from yarl import URL
 
 from daemon import backoff
 from daemon.logs import get_logger
@@ -30,6 +32,10 @@ RETRY_AFTER_CAP_SECONDS = 300.0
 POLL_INTERVAL_START_SECONDS = 0.2
 POLL_INTERVAL_CAP_SECONDS = 10.0
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# What aiohttp decompresses (brotli and zstd only when their modules are installed; when
+# they are not, reading such a body fails). Any other Content-Encoding reaches us raw.
+DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "deflate", "br", "zstd"})
+MAX_QUOTED_CHARS = 200  # how much of a header value chosen by the backend reaches an error
 
 
 @dataclass(slots=True)
@@ -113,7 +119,11 @@ class BackendClient:
 
     @staticmethod
     def open_session(settings: Settings) -> aiohttp.ClientSession:
-        """The process-wide session: a connection pool sized to the concurrency."""
+        """The process-wide session: a connection pool sized to the concurrency.
+
+        It keeps no cookies: the session is shared by every user, so a cookie the backend
+        sets while answering for one user would otherwise be sent with everyone else's.
+        """
         connector = aiohttp.TCPConnector(
             limit=settings.concurrency, limit_per_host=settings.concurrency, ttl_dns_cache=300
         )
@@ -121,6 +131,7 @@ class BackendClient:
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=settings.request_timeout_seconds),
             raise_for_status=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def sync_user(
@@ -129,56 +140,70 @@ class BackendClient:
         """Call the backend for one user until it succeeds, refuses, or retries run out.
 
         Each wait is declared to `progress` with its bound, so a call that hangs past
-        its own timeout shows up as a stalled cycle (and starves the watchdog).
+        its own timeout shows up as a stalled cycle (and starves the watchdog). An
+        unexpected error while handling an answer fails this user only; cancellation is
+        not an Exception and goes through.
         """
         watch = progress or Progress()
         body = json.dumps({**self._payload, "user_id": claim.user_id, "email": claim.email})
         headers = self._headers | {"Idempotency-Key": f"{run_id}-{claim.key}"}
         attempts = 0
         result = _Attempt(Outcome.FAILED, None)
-        while True:
-            try:
-                with watch.bounded(self._gate_bound, "backend gate"):
-                    await self._gate.wait()
-            except GateClosed as exc:
-                if attempts == 0:
-                    return CallOutcome(Outcome.RELEASED, None, 0, str(exc), circuit_open=True)
-                return CallOutcome(
-                    Outcome.FAILED, result.status, attempts, result.error, circuit_open=True
+        try:
+            while True:
+                try:
+                    with watch.bounded(self._gate_bound, "backend gate"):
+                        await self._gate.wait()
+                except GateClosed as exc:
+                    if attempts == 0:
+                        return CallOutcome(Outcome.RELEASED, None, 0, str(exc), circuit_open=True)
+                    return CallOutcome(
+                        Outcome.FAILED, result.status, attempts, result.error, circuit_open=True
+                    )
+                attempts += 1
+                answered = False
+                try:
+                    with watch.bounded(self._settings.request_timeout_seconds, "backend call"):
+                        result = await self._post(body, headers)
+                    answered = True
+                finally:
+                    if not answered:
+                        self._gate.abandon()
+                healthy = result.status is not None and result.status < 500
+                self._gate.record(healthy, result.retry_after)
+                if result.progress_url is not None:
+                    bound = self._settings.poll_max_seconds + self._settings.request_timeout_seconds
+                    with watch.bounded(bound, "backend progress polling"):
+                        result = await self._poll(result.progress_url, headers, result.body)
+                if not result.retryable or attempts > self._settings.max_retries:
+                    return self._finish(result, attempts)
+                delay = backoff.full_jitter(
+                    self._settings.retry_delay_seconds, attempts, RETRY_DELAY_CAP_SECONDS, self._rng
                 )
-            attempts += 1
-            answered = False
-            try:
-                with watch.bounded(self._settings.request_timeout_seconds, "backend call"):
-                    result = await self._post(body, headers)
-                answered = True
-            finally:
-                if not answered:
-                    self._gate.abandon()
-            healthy = result.status is not None and result.status < 500
-            self._gate.record(healthy, result.retry_after)
-            if result.progress_url is not None:
-                bound = self._settings.poll_max_seconds + self._settings.request_timeout_seconds
-                with watch.bounded(bound, "backend progress polling"):
-                    result = await self._poll(result.progress_url, headers, result.body)
-            if not result.retryable or attempts > self._settings.max_retries:
-                return self._finish(result, attempts)
-            delay = backoff.full_jitter(
-                self._settings.retry_delay_seconds, attempts, RETRY_DELAY_CAP_SECONDS, self._rng
-            )
-            if result.retry_after is not None:
-                delay = max(delay, result.retry_after)
-            self._log.info(
-                "backend_retry",
+                if result.retry_after is not None:
+                    delay = max(delay, result.retry_after)
+                self._log.info(
+                    "backend_retry",
+                    user_id=claim.user_id,
+                    run_id=run_id,
+                    attempt=attempts,
+                    status=result.status,
+                    error=result.error,
+                    delay_ms=round(delay * 1000),
+                )
+                with watch.bounded(delay, "backend retry delay"):
+                    await self._sleep(delay)
+        except Exception as exc:  # the per-user boundary: never let one answer end the cycle
+            error = f"unexpected error handling the answer: {_describe(exc)}"
+            self._log.error(
+                "backend_unexpected_error",
                 user_id=claim.user_id,
                 run_id=run_id,
                 attempt=attempts,
-                status=result.status,
-                error=result.error,
-                delay_ms=round(delay * 1000),
+                error=error,
+                exc_info=True,
             )
-            with watch.bounded(delay, "backend retry delay"):
-                await self._sleep(delay)
+            return CallOutcome(Outcome.FAILED, result.status, attempts, error)
 
     def _finish(self, result: _Attempt, attempts: int) -> CallOutcome:
         counts = _counts(result.body) if result.outcome is Outcome.SUCCESS else None
@@ -194,7 +219,11 @@ class BackendClient:
     async def _post(self, body: str, headers: Mapping[str, str]) -> _Attempt:
         try:
             async with self._session.post(
-                self._settings.backend_url, data=body, headers=headers, timeout=self._timeout
+                self._settings.backend_url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,  # a redirected POST becomes a GET whose 200 proves nothing
             ) as response:
                 return await self._classify(response)
         except TimeoutError:
@@ -216,6 +245,15 @@ class BackendClient:
                 status,
                 f"response body larger than {self._settings.response_max_bytes} bytes",
             )
+        encoding = _foreign_encoding(response)
+        if encoding is not None and raw:
+            if 200 <= status < 300 and status != 202:
+                return _Attempt(
+                    Outcome.FAILED,
+                    status,
+                    f"response body in a Content-Encoding that is not decoded: {encoding}",
+                )
+            raw = b""  # what it says cannot be read: only the headers count
         if status == 202:
             body = _json_or_none(raw)
             link = response.headers.get("Location") or (
@@ -223,12 +261,13 @@ class BackendClient:
             )
             if not isinstance(link, str) or not link:
                 return _Attempt(Outcome.FAILED, status, "202 without a progress URL")
-            return _Attempt(
-                Outcome.FAILED,
-                status,
-                progress_url=urljoin(str(response.url), link),
-                body=body,
-            )
+            url, problem = _progress_url(response.url, link)
+            if url is None:
+                return _Attempt(Outcome.FAILED, status, f"202 with {problem}")
+            return _Attempt(Outcome.FAILED, status, progress_url=url, body=body)
+        if 300 <= status < 400:
+            hint = "set SYNC_BACKEND_URL to the address that answers"
+            return _Attempt(Outcome.FAILED, status, f"{_redirect_error(response)} ({hint})")
         if 200 <= status < 300:
             if not raw.strip():
                 return _Attempt(Outcome.SUCCESS, status)
@@ -253,23 +292,23 @@ class BackendClient:
         return _Attempt(Outcome.FAILED, status, error)
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-        """Read at most SYNC_RESPONSE_MAX_BYTES; a larger body is a failure, not a crash."""
+        """Read at most SYNC_RESPONSE_MAX_BYTES of the decoded body; more is a failure.
+
+        The cap holds on what aiohttp has already decompressed (`response.content`), never
+        on Content-Length: for a gzip body that is the compressed size, and 200 KB of gzip
+        can inflate to 200 MiB. Reading stops at the first byte past the cap, whatever
+        the headers say; aiohttp inflates only as far as it is read.
+        """
         cap = self._settings.response_max_bytes
-        length = response.content_length
-        if length is not None:
-            if length > cap:
-                return b"", True
-            return await response.read(), False  # the declared length is within the cap
         chunks: list[bytes] = []
         size = 0
-        while True:
+        while size <= cap:
             chunk = await response.content.read(cap + 1 - size)
             if not chunk:
                 return b"".join(chunks), False
             chunks.append(chunk)
             size += len(chunk)
-            if size > cap:
-                return b"", True
+        return b"", True
 
     async def _poll(self, url: str, headers: Mapping[str, str], accepted: Any) -> _Attempt:
         """Follow a 202 until the backend's background sync is no longer in progress.
@@ -290,10 +329,15 @@ class BackendClient:
             interval = min(interval * 2, POLL_INTERVAL_CAP_SECONDS)
             try:
                 async with self._session.get(
-                    url, headers=poll_headers, timeout=self._timeout
+                    url, headers=poll_headers, timeout=self._timeout, allow_redirects=False
                 ) as response:
-                    raw, too_large = await self._read_capped(response)
                     status = response.status
+                    if 300 <= status < 400:
+                        return _Attempt(
+                            Outcome.FAILED, status, f"progress polling: {_redirect_error(response)}"
+                        )
+                    raw, too_large = await self._read_capped(response)
+                    too_large = too_large or (bool(raw) and _foreign_encoding(response) is not None)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 failures += 1
                 if failures > self._settings.max_retries:
@@ -354,10 +398,59 @@ def _total(body: Any) -> int | None:
 
 
 def _json_or_none(raw: bytes) -> Any:
+    """The parsed body, or None when it is not JSON (RFC 8259: no NaN or Infinity).
+
+    Nesting too deep for the parser (a RecursionError) is "not JSON" too: 200 KB of
+    brackets is well within the size cap.
+    """
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _progress_url(request_url: URL, link: str) -> tuple[str | None, str]:
+    """Resolve a 202's progress link against the request URL, or say why it is unusable.
+
+    It must parse, be absolute http(s) with a host once resolved, and must not downgrade
+    an https backend to http: the bearer token is sent with every poll.
+    """
+    try:
+        url = request_url.join(URL(link))
+        url.port  # noqa: B018  (parses the port: an out-of-range one raises here)
+    except ValueError as exc:
+        return None, f"an invalid progress URL {_quote(link)} ({_describe(exc)})"
+    if url.scheme not in ("http", "https") or not url.host:
+        return None, f"a progress URL that is not http(s) {_quote(link)}"
+    if request_url.scheme == "https" and url.scheme != "https":
+        return None, f"a progress URL that downgrades https to http {_quote(link)}"
+    return str(url), ""
+
+
+def _foreign_encoding(response: aiohttp.ClientResponse) -> str | None:
+    """A Content-Encoding aiohttp left undecoded (quoted), or None: such a body is opaque."""
+    encoding = response.headers.get("Content-Encoding", "").strip().lower()
+    return None if encoding in DECODED_ENCODINGS else _quote(encoding)
+
+
+def _redirect_error(response: aiohttp.ClientResponse) -> str:
+    """A 3xx is never followed: say where it pointed, so the operator can fix the URL."""
+    status = f"HTTP {response.status} {response.reason or ''}".strip()
+    location = response.headers.get("Location")
+    if location is None:
+        return f"{status}: a 3xx without a Location, not followed"
+    return f"{status}: redirected to {_quote(location)}, not followed"
+
+
+def _quote(value: str) -> str:
+    """A backend-chosen string made safe for an error: escaped, quoted, clipped."""
+    clipped = value[:MAX_QUOTED_CHARS]
+    quoted = json.dumps(clipped)
+    return quoted if clipped == value else quoted[:-1] + '..."'
 
 
 def _describe(exc: BaseException) -> str:

@@ -13,12 +13,14 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import random
 import sys
 import time
 import uuid
+import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +34,10 @@ _OVERSIZE_BODY = b'{"status": "synced"' + b" " * (2 * 1024 * 1024) + b"}"
 # Outcomes drawn from one random number, in this order, so each rate is exact.
 _OUTCOMES: tuple[str, ...] = ("reset", "garbage", "oversize", "error", "rate_limit")
 _OUTCOMES += ("unavailable", "conflict", "hang", "accepted")
+_OUTCOMES += ("redirect", "gzip_bomb", "bad_progress_url", "deep_json")
+_MAX_GZIP_BOMB_BYTES = 1 << 30  # inflating is the client's problem; compressing is ours
+_MAX_DEEP_JSON_DEPTH = 10_000_000
+_USER_SETS = ("fail_users", "set_cookie_users")  # the fields that are sets of user ids
 _PLAIN = {  # outcome -> (status, error); 429 and 503 also carry Retry-After
     "error": (500, "internal error"),
     "rate_limit": (429, "rate limited"),
@@ -59,14 +65,25 @@ class Faults:
     conflict_rate: float = 0.0
     accepted_rate: float = 0.0
     job_failure_rate: float = 0.0
+    redirect_rate: float = 0.0
+    gzip_bomb_rate: float = 0.0
+    bad_progress_url_rate: float = 0.0
+    deep_json_rate: float = 0.0
     retry_after_seconds: int = 1
     hang_seconds: float = 3600.0
     job_seconds: float = 0.2
+    redirect_status: int = 302
+    redirect_location: str = "/health"  # a GET there answers 200: a follower would be fooled
+    gzip_bomb_bytes: int = 200 * 1024 * 1024
+    bad_progress_url: str = "http://[::1"
+    deep_json_depth: int = 100_000
     fail_users: frozenset[str] = frozenset()
+    set_cookie_users: frozenset[str] = frozenset()
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fail_users", frozenset(str(u) for u in self.fail_users))
+        for name in _USER_SETS:
+            object.__setattr__(self, name, frozenset(str(u) for u in getattr(self, name)))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_rate") and not 0.0 <= value <= 1.0:
@@ -75,6 +92,12 @@ class Faults:
                 raise ValueError(f"{f.name} must not be negative, got {value!r}")
         if sum(getattr(self, f"{o}_rate") for o in _OUTCOMES) > 1.0 + 1e-9:
             raise ValueError(f"the sum of {', '.join(o + '_rate' for o in _OUTCOMES)} exceeds 1")
+        if not 300 <= self.redirect_status <= 399:
+            raise ValueError(f"redirect_status must be a 3xx, got {self.redirect_status!r}")
+        if self.gzip_bomb_bytes > _MAX_GZIP_BOMB_BYTES:
+            raise ValueError(f"gzip_bomb_bytes must be at most {_MAX_GZIP_BOMB_BYTES}")
+        if not 1 <= self.deep_json_depth <= _MAX_DEEP_JSON_DEPTH:
+            raise ValueError(f"deep_json_depth must be between 1 and {_MAX_DEEP_JSON_DEPTH}")
 
     def replace(self, **changes: Any) -> Faults:
         return dataclasses.replace(self, **changes)
@@ -88,10 +111,13 @@ class Faults:
             if name not in defaults:
                 raise ValueError(f"unknown fault field: {name!r}")
             number = isinstance(value, int | float) and not isinstance(value, bool)
-            if name == "fail_users":
+            if name in _USER_SETS:
                 if not isinstance(value, list):
-                    raise ValueError("fail_users must be a list of user ids")
+                    raise ValueError(f"{name} must be a list of user ids")
                 value = frozenset(str(u) for u in value)
+            elif isinstance(defaults[name], str):
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} must be a string")
             elif name == "seed":
                 if value is not None and not (number and isinstance(value, int)):
                     raise ValueError("seed must be an integer or null")
@@ -107,7 +133,7 @@ class Faults:
         return cls(**kwargs)
 
     def to_mapping(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "fail_users": sorted(self.fail_users)}
+        return {**dataclasses.asdict(self), **{n: sorted(getattr(self, n)) for n in _USER_SETS}}
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -152,6 +178,7 @@ class _State:
         self.per_user_successes: Counter[str] = Counter()
         self.last_headers: dict[str, Any] = {}
         self.last_body: Any = None
+        self.per_user_cookies: dict[str, str] = {}  # the last Cookie header, by user
 
     def release(self, user_id: str) -> None:
         self.user_active[user_id] -= 1
@@ -189,11 +216,13 @@ class _State:
             "per_user_successes": dict(self.per_user_successes),
             "last_headers_sample": self.last_headers,
             "last_body": self.last_body,
+            "per_user_cookies": dict(self.per_user_cookies),
         }
 
 
 _STATE = web.AppKey("reference_backend_state", _State)
 _PROGRESS_PREFIX = web.AppKey("reference_backend_progress_prefix", str)
+_USER = web.RequestKey("reference_backend_user", str)  # set once the body names a user
 
 
 def _remember(mapping: OrderedDict[str, Any], key: str, value: Any) -> None:
@@ -202,8 +231,35 @@ def _remember(mapping: OrderedDict[str, Any], key: str, value: Any) -> None:
         mapping.popitem(last=False)
 
 
+@functools.lru_cache(maxsize=2)
+def _gzip_bomb(size: int) -> bytes:
+    """A gzip body that inflates to `size` bytes of a JSON object padded with spaces.
+
+    About 1,000:1, so 200 MiB travels as 200 KB and a Content-Length that small says
+    nothing about what the client ends up holding. Built once per size.
+    """
+    head, tail = b'{"status": "synced", "padding": "', b'"}'
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
+    parts, left = [squeeze.compress(head)], max(0, size - len(head) - len(tail))
+    block = b" " * (1 << 20)
+    while left > 0:
+        parts.append(squeeze.compress(block[: min(left, len(block))]))
+        left -= len(block)
+    parts += [squeeze.compress(tail), squeeze.flush()]
+    return b"".join(parts)
+
+
 async def _start_sync(request: web.Request) -> web.StreamResponse:
-    """The contract's start endpoint; the user is held from entry until the sync ends."""
+    """The contract's start endpoint, plus the Set-Cookie switch for the user it served."""
+    response = await _sync(request)
+    user_id = request.get(_USER)
+    if user_id is not None and user_id in request.app[_STATE].faults.set_cookie_users:
+        response.set_cookie("backend_session", f"user-{user_id}", path="/")
+    return response
+
+
+async def _sync(request: web.Request) -> web.StreamResponse:
+    """Answer one sync request; the user is held from entry until the sync ends."""
     st = request.app[_STATE]
     st.n["requests"] += 1
     st.in_flight += 1
@@ -223,7 +279,10 @@ async def _start_sync(request: web.Request) -> web.StreamResponse:
         if not isinstance(body, dict) or body.get("user_id") is None:
             return st.answer(400, {"error": "body must be a JSON object with user_id"})
         user_id = str(body["user_id"])
+        request[_USER] = user_id
         st.per_user_calls[user_id] += 1
+        if (cookie := request.headers.get("Cookie")) is not None:
+            st.per_user_cookies[user_id] = cookie
         if st.user_active[user_id]:
             st.n["overlaps"] += 1
             return st.answer(409, {"error": "sync already running"})
@@ -257,6 +316,19 @@ async def _start_sync(request: web.Request) -> web.StreamResponse:
             return web.Response(status=500)  # aiohttp quietly drops it: the socket is closed
         if outcome in ("garbage", "oversize"):  # a 200 the daemon must not trust
             return st.answer(200, b"<html>oops" if outcome == "garbage" else _OVERSIZE_BODY)
+        if outcome == "redirect":
+            st.by_status[str(f.redirect_status)] += 1
+            return web.Response(status=f.redirect_status, headers={"Location": f.redirect_location})
+        if outcome == "gzip_bomb":  # would be a success to anyone who inflates it all
+            st.by_status["200"] += 1
+            bomb = _gzip_bomb(f.gzip_bomb_bytes)
+            gzipped = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            return web.Response(body=bomb, status=200, headers=gzipped)
+        if outcome == "bad_progress_url":
+            payload = {"status": "started", "check_progress": f.bad_progress_url}
+            return st.answer(202, payload, {"Location": f.bad_progress_url})
+        if outcome == "deep_json":  # a JSON array nested deeper than any parser recurses
+            return st.answer(200, b"[" * f.deep_json_depth + b"]" * f.deep_json_depth)
         if outcome in _PLAIN:
             status, error = _PLAIN[outcome]
             headers = {"Retry-After": str(f.retry_after_seconds)} if status in (429, 503) else None
@@ -406,13 +478,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     for f in dataclasses.fields(Faults):
-        if f.name not in ("fail_users", "seed"):
-            kind = int if f.name == "retry_after_seconds" else float
+        if f.name not in (*_USER_SETS, "seed"):
+            kind = type(f.default)  # int, float or str
             doc = "probability 0..1" if f.name.endswith("_rate") else "default %(default)s"
             flag = "--" + f.name.replace("_", "-")
             parser.add_argument(flag, type=kind, default=f.default, help=doc)
     fail_help = "a user_id that always gets 500 (repeatable)"
     parser.add_argument("--fail-user", action="append", dest="fail_users", help=fail_help)
+    cookie_help = "set a cookie on the answers for this user_id (repeatable)"
+    parser.add_argument(
+        "--set-cookie-user", action="append", dest="set_cookie_users", help=cookie_help
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible faults")
     parser.add_argument("--token-file", type=Path, help="require this bearer token")
     parser.add_argument("--access-log", action="store_true", help="log every request")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -190,3 +191,24 @@ async def token_backend(tmp_path: Path) -> AsyncIterator[tuple[ReferenceBackend,
     async with aiohttp.ClientSession() as session:
         yield ReferenceBackend(port, session), path
     await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def httpbin_url() -> Iterator[str]:
+    """httpbin (a real third-party HTTP server) on a free 127.0.0.1 port, in a thread.
+
+    A backend the project did not write: its redirects, gzip and status answers are
+    what the world's servers send, not what our reference backend thinks they send.
+    """
+    from httpbin import app  # imported here: only the tests that use it pay for Flask
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="httpbin", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
