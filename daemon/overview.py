@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import desc, func, select
 from sqlalchemy.orm import Session
 
-from daemon import control
+from daemon import control, dbclock
 from daemon.database import Database, aware
 from daemon.models import instances, runs, user_state
 from daemon.settings import Settings
@@ -38,11 +38,12 @@ def collect(db: Database, store: Store, settings: Settings, *, now: datetime) ->
                 )
             ).scalar_one(),
             "recent_runs": _recent_runs(session),
-            "leases": _leases(session, now),
+            "leases": _leases(session),
             "failing_users": _failing_users(session),
             "users_in_flight": session.execute(
                 select(func.count()).where(
-                    user_state.c.lease_owner.is_not(None), user_state.c.lease_expires_at >= now
+                    user_state.c.lease_owner.is_not(None),
+                    user_state.c.lease_expires_at >= dbclock.now(db.dialect),
                 )
             ).scalar_one(),
         }
@@ -88,11 +89,13 @@ def _recent_runs(session: Session) -> list[dict[str, Any]]:
     ]
 
 
-def _leases(session: Session, now: datetime) -> list[dict[str, Any]]:
+def _leases(session: Session) -> list[dict[str, Any]]:
+    """Live leases, judged on the database's clock like the claims themselves."""
     s = user_state.c
+    live = s.lease_expires_at >= dbclock.now(session.get_bind().dialect.name)
     rows = session.execute(
         select(s.lease_owner, func.count(), func.max(s.lease_expires_at))
-        .where(s.lease_owner.is_not(None), s.lease_expires_at >= now)
+        .where(s.lease_owner.is_not(None), live)
         .group_by(s.lease_owner)
     )
     return [
