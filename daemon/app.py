@@ -65,6 +65,7 @@ RESTART_ONLY = (
     "last_sync_column",
     "status_address",
     "lease_seconds",
+    "database_prepared_statements",
 )
 
 
