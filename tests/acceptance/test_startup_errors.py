@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.acceptance.conftest import Harness
+from tests.acceptance.conftest import Harness, Proc
 
 
 def _one_line(stderr: str) -> str:
@@ -111,3 +112,24 @@ def test_removing_the_sqlite_directory_stops_the_daemon_with_74(harness: Harness
     after = names[names.index("database_file_lost") :]
     assert after.count("user_synced") <= 2  # only the calls that were in flight
     assert backend.stats()["requests"] < 60
+
+
+def test_removing_the_sqlite_file_during_once_exits_74(harness: Harness) -> None:
+    database = harness.database(users=30)
+    backend = harness.start_backend(latency_ms=300)
+    env = harness.env(
+        backend, SYNC_CONCURRENCY="2", SYNC_CLAIM_BATCH_SIZE="2", SYNC_SHUTDOWN_GRACE_SECONDS="2"
+    )
+    once = Proc("once", [sys.executable, "-m", "daemon", "once"], env=env, cwd=harness.tmp)
+    harness.procs.append(once)
+    once.wait_for_event("user_synced", count=2, timeout=30)
+
+    for path in harness.tmp.glob(f"{database.path.name}*"):
+        path.unlink()
+    status = once.wait_exit(timeout=60)
+
+    assert status == 74, once.tail()
+    assert [e["error"] for e in once.events("database_file_lost")] == [
+        f"the database file {database.path} is gone (No such file or directory)"
+    ]
+    assert backend.stats()["requests"] < 30
