@@ -26,11 +26,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from daemon import control, envfile, logs, schema, statusweb
+from daemon import control, dberrors, envfile, logs, schema, statusweb
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
 from daemon.cycle import Clock, Cycle, DbRunner, Report, dry_run
-from daemon.database import SCHEMA_REVISION, Database, current_revision, make_engine
+from daemon.database import SCHEMA_REVISION, Database, current_revision, engine_for, sqlite_file
 from daemon.errors import ConfigError, StoreError
 from daemon.metrics import Metrics
 from daemon.progress import Progress
@@ -43,6 +43,7 @@ from daemon.systemd import Notifier
 EX_OK = 0
 EX_FAILED = 1
 EX_UNAVAILABLE = 69
+EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 EX_FORCED = 130
@@ -64,6 +65,7 @@ RESTART_ONLY = (
     "last_sync_column",
     "status_address",
     "lease_seconds",
+    "database_prepared_statements",
 )
 
 
@@ -154,6 +156,8 @@ class App:
         report = await self._start_cycle("once")
         if report.schema_error is not None:
             return EX_CONFIG
+        if self._database_file_lost():
+            return EX_IOERR
         if report.outcome == "crashed":
             return EX_TEMPFAIL
         return EX_OK if report.outcome == "succeeded" else EX_FAILED
@@ -180,7 +184,7 @@ class App:
 
     @contextlib.asynccontextmanager
     async def _resources(self) -> AsyncIterator[None]:
-        database = Database(make_engine(self.settings.database_url))
+        database = Database(engine_for(self.settings))
         status_runner: web.AppRunner | None = None
         try:
             await self._wait_for_database(database)
@@ -258,6 +262,9 @@ class App:
                 return
             except StoreError as exc:
                 self.metrics.database_up.set(0)
+                refused = dberrors.configuration_problem(exc)
+                if refused is not None:  # the same answer on every restart: exit 78
+                    raise ConfigError(f"SYNC_DATABASE_URL: the server refused: {refused}") from exc
                 if time.monotonic() + delay > give_up:
                     raise
                 self._notifier.status(f"waiting for the database: {exc}")
@@ -303,6 +310,8 @@ class App:
         )
         try:
             while not self._stop.is_set() and self._fatal is None:
+                if self._database_file_lost():
+                    break
                 self._scheduler.poll()
                 if self._cycle_task is None and self._retired:
                     await self._close_retired()
@@ -328,6 +337,25 @@ class App:
                 await self._cycle_task
         self._log.info("daemon_stopped", exit_status=self._fatal or EX_OK)
         return self._fatal or EX_OK
+
+    def _database_file_lost(self) -> bool:
+        """An SQLite file deleted or replaced under us: stop, exit 74, never sync blind.
+
+        Writes to it are refused from that moment (database.SqliteFile); the daemon then
+        drains like on SIGTERM and exits with EX_IOERR, so systemd's restart finds the
+        missing tables and stops with 78 instead of syncing everyone again.
+        """
+        assert self._store is not None
+        file = sqlite_file(self._store.db.engine)
+        problem = file.problem() if file is not None else None
+        if problem is None:
+            return False
+        if self._fatal != EX_IOERR:
+            self._fatal = EX_IOERR
+            self._log.error("database_file_lost", error=problem)
+            print(f"background-sync: SYNC_DATABASE_URL: {problem}", file=sys.stderr)
+            self.stop("database file lost")
+        return True
 
     def _on_tick(self) -> None:
         self.request_cycle("schedule")

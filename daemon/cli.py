@@ -12,13 +12,13 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from daemon import __version__, envfile, logs
+from daemon import __version__, dberrors, envfile, logs
 from daemon import settings as settings_module
 from daemon.app import EX_CONFIG, EX_OK, EX_UNAVAILABLE, App
 from daemon.database import short_error
@@ -38,7 +38,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return reference_backend.main_from_args(args)
     env_file = getattr(args, "env_file", None)
     try:
-        settings = settings_module.load(envfile.overlay(os.environ, env_file))
+        environ = envfile.overlay(os.environ, env_file)
+        settings = settings_module.load(environ)
     except ConfigError as exc:
         print(f"background-sync: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -47,6 +48,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         settings.log_format,
         secrets=[settings.backend_token.reveal()] if settings.backend_token else [],
     )
+    _warn_unknown(environ, daemon=args.command in ("run", "once"))
     handler = _COMMANDS[args.command]
     try:
         return handler(settings, args)
@@ -54,11 +56,28 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"background-sync: {exc}", file=sys.stderr)
         return EX_CONFIG
     except StoreError as exc:
-        print(f"background-sync: database: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return _database_failed(exc, f"database: {exc}")
     except DBAPIError as exc:  # a command that talks to the database directly
-        print(f"background-sync: database: {short_error(exc)}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return _database_failed(exc, f"database: {short_error(exc)}")
+
+
+def _warn_unknown(environ: Mapping[str, str], *, daemon: bool) -> None:
+    """A misspelt SYNC_* name: a log line for the daemon, a stderr line for a command."""
+    for warning in settings_module.unknown_variables(environ):
+        if daemon:
+            logs.get_logger().warning("unknown_variable", warning=warning)
+        else:
+            print(f"background-sync: warning: {warning}", file=sys.stderr)
+
+
+def _database_failed(exc: BaseException, line: str) -> int:
+    """A refused login or a missing database is a setting to fix (78); the rest is 69."""
+    refused = dberrors.configuration_problem(exc)
+    if refused is not None:
+        print(f"background-sync: SYNC_DATABASE_URL: the server refused: {refused}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"background-sync: {line}", file=sys.stderr)
+    return EX_UNAVAILABLE
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -70,14 +89,13 @@ def _once(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from daemon.database import make_engine, migrate
+    from daemon.database import engine_for, migrate
 
-    engine = make_engine(settings.database_url)
+    engine = engine_for(settings)
     try:
         revision = migrate(engine)
     except Exception as exc:  # alembic and drivers raise many kinds; all end the same
-        print(f"background-sync: migrate failed: {short_error(exc)}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return _database_failed(exc, f"migrate failed: {short_error(exc)}")
     finally:
         engine.dispose()
     logs.get_logger().info("database_migrated", revision=revision)
@@ -105,14 +123,14 @@ def _inspect_users_table(settings: Settings) -> dict[str, Any]:
     from sqlalchemy.engine import make_url
 
     from daemon import schema
-    from daemon.database import Database, make_engine, utcnow
+    from daemon.database import Database, engine_for, utcnow
     from daemon.store import Store
 
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
         # Opening it would create an empty database where the operator did not expect one.
         return {"checked": False, "reason": f"the database file {url.database} does not exist"}
-    db = Database(make_engine(settings.database_url), attempts=1)
+    db = Database(engine_for(settings), attempts=1)
     try:
         users = schema.inspect_users(db.engine, settings)
         store = Store(db, users, instance="check-config", lease_seconds=settings.lease_seconds)
@@ -123,6 +141,8 @@ def _inspect_users_table(settings: Settings) -> dict[str, Any]:
         )
         advice = schema.index_advice(db.engine, users, query)
     except StoreError as exc:
+        if dberrors.configuration_problem(exc.__cause__ or exc) is not None:
+            raise  # a refused login is a setting to fix: 78, as for every command
         print(f"background-sync: warning: users table not checked: {exc}", file=sys.stderr)
         return {"checked": False, "reason": str(exc)}
     finally:
@@ -176,9 +196,9 @@ def _operator() -> str:
 
 
 def _with_database(settings: Settings) -> Any:
-    from daemon.database import Database, has_daemon_tables, make_engine
+    from daemon.database import Database, engine_for, has_daemon_tables
 
-    db = Database(make_engine(settings.database_url), attempts=3)
+    db = Database(engine_for(settings), attempts=3)
     if not has_daemon_tables(db.engine):
         db.dispose()
         raise ConfigError(
@@ -244,9 +264,9 @@ def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
 
 def _seed_demo(settings: Settings, args: argparse.Namespace) -> int:
     from daemon import demo
-    from daemon.database import make_engine
+    from daemon.database import engine_for
 
-    engine = make_engine(settings.database_url)
+    engine = engine_for(settings)
     try:
         added = demo.seed(engine, settings, args.users)
     finally:

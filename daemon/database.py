@@ -8,12 +8,15 @@ clean, usable session whatever happened to the last one.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
@@ -21,8 +24,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon.errors import SchemaError, StoreError
+from daemon import dberrors
+from daemon.errors import ConfigError, SchemaError, StoreError
 from daemon.logs import get_logger
+from daemon.settings import Settings
 
 T = TypeVar("T")
 
@@ -33,34 +38,126 @@ VERSION_TABLE = "background_sync_alembic_version"
 SCHEMA_REVISION = "0002"
 
 
-def make_engine(url: str, *, sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
-    """An engine tuned for its dialect: WAL and write-intent transactions for SQLite."""
+def make_engine(
+    url: str,
+    *,
+    prepared_statements: bool = True,
+    sqlite_busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
+) -> Engine:
+    """An engine tuned for its dialect: WAL and write-intent transactions for SQLite.
+
+    `prepared_statements=False` stops psycopg from preparing statements on the server
+    (it does after five uses of one): behind pgbouncer in transaction pooling mode the
+    next transaction may run on another server connection, where that statement is
+    unknown, or known under the same name with other parameters.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
-        if database and database != ":memory:":
-            from pathlib import Path
-
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        file = None
+        if database and database != ":memory:" and not database.startswith("file:"):
+            file = SqliteFile(Path(database))
+            file.open()
         engine = create_engine(
             url,
             connect_args={"timeout": sqlite_busy_timeout_ms / 1000, "check_same_thread": False},
         )
-        event.listen(engine, "connect", _sqlite_on_connect(sqlite_busy_timeout_ms))
-        event.listen(engine, "begin", _sqlite_on_begin)
+        event.listen(engine, "connect", _sqlite_on_connect(sqlite_busy_timeout_ms, file))
+        event.listen(engine, "begin", _sqlite_on_begin(file))
+        if file is not None:
+            _SQLITE_FILES[engine] = file
         return engine
+    connect_args: dict[str, Any] = {"connect_timeout": 5, "application_name": "background-sync"}
+    # An option given in the URL wins over these defaults.
+    connect_args = {key: value for key, value in connect_args.items() if key not in parsed.query}
+    if not prepared_statements:
+        connect_args["prepare_threshold"] = None
     return create_engine(
         url,
         pool_pre_ping=True,
         pool_size=4,
         max_overflow=4,
         pool_timeout=10,
-        connect_args={"connect_timeout": 5, "application_name": "background-sync"},
+        connect_args=connect_args,
     )
 
 
-def _sqlite_on_connect(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+def engine_for(settings: Settings) -> Engine:
+    """The engine for the configured database, with the configured driver options."""
+    return make_engine(
+        settings.database_url, prepared_statements=settings.database_prepared_statements
+    )
+
+
+class SqliteFile:
+    """The SQLite file the daemon works on, known by its identity (device and inode).
+
+    SQLite keeps writing to a file it has open even after the file, or its directory, was
+    deleted or replaced: commits succeed, and every sync recorded from then on is lost
+    with the deleted inode. Comparing the path's identity with the one seen at start,
+    before every transaction and in the daemon's main loop, turns that into an error.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._identity: tuple[int, int] | None = None
+
+    def open(self) -> None:
+        """Create the directory and the file if missing; an unusable path is a ConfigError."""
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(f"SYNC_DATABASE_URL: {parent} is not a directory") from None
+        except OSError as exc:
+            raise ConfigError(
+                f"SYNC_DATABASE_URL: cannot create the directory {parent}: {exc.strerror}"
+            ) from None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(
+                f"SYNC_DATABASE_URL: cannot open {self.path} for writing: {exc.strerror}"
+            ) from None
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"SYNC_DATABASE_URL: the directory {parent} is not writable "
+                "(SQLite keeps its -wal and -shm files beside the database)"
+            )
+        self._identity = (info.st_dev, info.st_ino)
+
+    def problem(self) -> str | None:
+        """Why the file at the path is no longer the one opened at start, if it is not."""
+        try:
+            info = os.stat(self.path)
+        except OSError as exc:
+            return f"the database file {self.path} is gone ({exc.strerror})"
+        if (info.st_dev, info.st_ino) != self._identity:
+            return f"the database file {self.path} was replaced by another file"
+        return None
+
+    def check(self) -> None:
+        problem = self.problem()
+        if problem is not None:
+            raise StoreError(problem)
+
+
+_SQLITE_FILES: weakref.WeakKeyDictionary[Engine, SqliteFile] = weakref.WeakKeyDictionary()
+
+
+def sqlite_file(engine: Engine) -> SqliteFile | None:
+    """The file an SQLite engine from make_engine() watches; None for other databases."""
+    return _SQLITE_FILES.get(engine)
+
+
+def _sqlite_on_connect(busy_timeout_ms: int, file: SqliteFile | None) -> Callable[[Any, Any], None]:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        if file is not None:
+            file.check()  # never open a new, empty file where the old one was
         # Take transaction control away from pysqlite so that BEGIN IMMEDIATE below is
         # ours: a write transaction then holds the write lock from its first statement,
         # and a concurrent writer waits on busy_timeout instead of failing at commit.
@@ -74,8 +171,13 @@ def _sqlite_on_connect(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
     return on_connect
 
 
-def _sqlite_on_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+def _sqlite_on_begin(file: SqliteFile | None) -> Callable[[Any], None]:
+    def on_begin(connection: Any) -> None:
+        if file is not None:
+            file.check()  # a write to a deleted file would be lost: refuse it
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return on_begin
 
 
 def utcnow() -> datetime:
@@ -111,8 +213,8 @@ def is_schema_error(exc: BaseException) -> bool:
 
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying: a lost connection, a locked or unreachable database."""
-    if is_schema_error(exc):
-        return False
+    if is_schema_error(exc) or dberrors.configuration_problem(exc) is not None:
+        return False  # the same answer on every try: a setting or the schema must change
     if isinstance(exc, OperationalError):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated

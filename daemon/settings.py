@@ -7,6 +7,7 @@ surfacing hours later in the middle of a cycle.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from daemon.errors import ConfigError
@@ -29,7 +30,9 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _LOG_FORMATS = ("auto", "json", "console")
-_DEFAULT_STATUS_ADDRESS: tuple[str, int] | None = ("127.0.0.1", 8787)
+# SYNC_TEST_POSTGRES_URL and the like: read by the test suite, never by the daemon.
+_NOT_SETTINGS_PREFIX = "SYNC_TEST_"
+_UNSET: Any = object()
 
 
 class Secret:
@@ -93,6 +96,7 @@ class Settings:
     poll_min_seconds: float = 30.0
     poll_max_seconds: float = 1800.0
     database_outage_seconds: float = 600.0
+    database_prepared_statements: bool = True
     history_days: float = 14.0
 
     @property
@@ -120,57 +124,38 @@ def load(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> S
     env = os.environ if environ is None else environ
     reader = _Reader(env)
     token_file = _token_file(env)
+    values: dict[str, Any] = {}
+    for name, (parse, empty) in _VARIABLES.items():
+        value = reader.get(name, parse, _UNSET, empty=empty)
+        if value is not _UNSET:
+            values[_field_name(name)] = value
     settings = Settings(
         database_url=_database_url(env, cwd or Path.cwd()),
-        backend_url=reader.get("SYNC_BACKEND_URL", _http_url, Settings.backend_url),
         backend_token_file=token_file,
         backend_token=_read_token(token_file) if token_file else None,
-        backend_payload=reader.get("SYNC_BACKEND_PAYLOAD", _json_object, {}),
-        interval_seconds=reader.get("SYNC_INTERVAL_SECONDS", _number(1, 86400), 300.0),
-        stale_after_seconds=reader.get("SYNC_STALE_AFTER_SECONDS", _number(0, 10**8), 3600.0),
-        concurrency=reader.get("SYNC_CONCURRENCY", _integer(1, 1024), 16),
-        request_timeout_seconds=reader.get(
-            "SYNC_REQUEST_TIMEOUT_SECONDS", _number(0.01, 3600), 30.0
-        ),
-        max_retries=reader.get("SYNC_MAX_RETRIES", _integer(0, 20), 3),
-        retry_delay_seconds=reader.get("SYNC_RETRY_DELAY_SECONDS", _number(0, 3600), 5.0),
-        max_consecutive_failures=reader.get("SYNC_MAX_CONSECUTIVE_FAILURES", _integer(1, 10**6), 5),
-        lease_seconds=reader.get("SYNC_LEASE_SECONDS", _number(1, 86400), 120.0),
-        shutdown_grace_seconds=reader.get("SYNC_SHUTDOWN_GRACE_SECONDS", _number(0, 3600), 20.0),
-        circuit_reset_seconds=reader.get("SYNC_CIRCUIT_RESET_SECONDS", _number(0.1, 86400), 60.0),
-        quarantine_after=reader.get("SYNC_QUARANTINE_AFTER", _integer(1, 10**6), 10),
-        max_requests_per_second=reader.get(
-            "SYNC_MAX_REQUESTS_PER_SECOND", _number(0.001, 10**6), None
-        ),
-        users_table=reader.get("SYNC_USERS_TABLE", _table_name, "users"),
-        user_id_column=reader.get("SYNC_USER_ID_COLUMN", _identifier, "id"),
-        user_email_column=reader.get("SYNC_USER_EMAIL_COLUMN", _identifier, "email"),
-        last_sync_column=reader.get("SYNC_LAST_SYNC_COLUMN", _identifier, "last_sync"),
-        status_address=reader.get(
-            "SYNC_STATUS_ADDRESS", _address, _DEFAULT_STATUS_ADDRESS, empty="off"
-        ),
-        log_level=reader.get("SYNC_LOG_LEVEL", _choice(_LOG_LEVELS, upper=True), "INFO"),
-        log_format=reader.get("SYNC_LOG_FORMAT", _choice(_LOG_FORMATS), "auto"),
-        dry_run=reader.get("SYNC_DRY_RUN", _boolean, False),
-        claim_batch_size=reader.get("SYNC_CLAIM_BATCH_SIZE", _integer(1, 10_000), 256),
-        response_max_bytes=reader.get(
-            "SYNC_RESPONSE_MAX_BYTES", _integer(1024, 64 * 1024 * 1024), 1024 * 1024
-        ),
-        jitter_seconds=reader.get("SYNC_JITTER_SECONDS", _number(0, 3600), 10.0),
-        quarantine_probe_seconds=reader.get(
-            "SYNC_QUARANTINE_PROBE_SECONDS", _number(1, 30 * 86400), 86400.0
-        ),
-        poll_base_seconds=reader.get("SYNC_POLL_BASE_SECONDS", _number(0, 86400), 60.0),
-        poll_per_item_seconds=reader.get("SYNC_POLL_PER_ITEM_SECONDS", _number(0, 3600), 1.0),
-        poll_min_seconds=reader.get("SYNC_POLL_MIN_SECONDS", _number(0.1, 86400), 30.0),
-        poll_max_seconds=reader.get("SYNC_POLL_MAX_SECONDS", _number(0.1, 7 * 86400), 1800.0),
-        database_outage_seconds=reader.get(
-            "SYNC_DATABASE_OUTAGE_SECONDS", _number(1, 86400), 600.0
-        ),
-        history_days=reader.get("SYNC_HISTORY_DAYS", _number(0.001, 3650), 14.0),
+        **values,
     )
     _check_consistency(settings)
     return settings
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for SYNC_* variables no setting reads, each naming the closest known one.
+
+    A misspelt name (`SYNC_CONCURENCY=8`) would otherwise be ignored without a word and
+    the default used. Names starting with SYNC_TEST_ belong to the test suite.
+    """
+    known = sorted(KNOWN_VARIABLES)
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("SYNC_") or name in KNOWN_VARIABLES:
+            continue
+        if name.startswith(_NOT_SETTINGS_PREFIX):
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a known setting and is ignored{hint}")
+    return warnings
 
 
 def _check_consistency(settings: Settings) -> None:
@@ -302,25 +287,144 @@ def _address(raw: str) -> tuple[str, int] | None:
     return host.strip("[]"), port_number
 
 
+# Every variable read by the loop in load(), with its parser and what an empty value
+# means ("" = unset). The field is the name without SYNC_, in lower case; the default is
+# the field's default in Settings, written there once.
+_VARIABLES: dict[str, tuple[Callable[[str], Any], str]] = {
+    "SYNC_BACKEND_URL": (_http_url, ""),
+    "SYNC_BACKEND_PAYLOAD": (_json_object, ""),
+    "SYNC_INTERVAL_SECONDS": (_number(1, 86400), ""),
+    "SYNC_STALE_AFTER_SECONDS": (_number(0, 10**8), ""),
+    "SYNC_CONCURRENCY": (_integer(1, 1024), ""),
+    "SYNC_REQUEST_TIMEOUT_SECONDS": (_number(0.01, 3600), ""),
+    "SYNC_MAX_RETRIES": (_integer(0, 20), ""),
+    "SYNC_RETRY_DELAY_SECONDS": (_number(0, 3600), ""),
+    "SYNC_MAX_CONSECUTIVE_FAILURES": (_integer(1, 10**6), ""),
+    "SYNC_LEASE_SECONDS": (_number(1, 86400), ""),
+    "SYNC_SHUTDOWN_GRACE_SECONDS": (_number(0, 3600), ""),
+    "SYNC_CIRCUIT_RESET_SECONDS": (_number(0.1, 86400), ""),
+    "SYNC_QUARANTINE_AFTER": (_integer(1, 10**6), ""),
+    "SYNC_MAX_REQUESTS_PER_SECOND": (_number(0.001, 10**6), ""),
+    "SYNC_USERS_TABLE": (_table_name, ""),
+    "SYNC_USER_ID_COLUMN": (_identifier, ""),
+    "SYNC_USER_EMAIL_COLUMN": (_identifier, ""),
+    "SYNC_LAST_SYNC_COLUMN": (_identifier, ""),
+    "SYNC_STATUS_ADDRESS": (_address, "off"),
+    "SYNC_LOG_LEVEL": (_choice(_LOG_LEVELS, upper=True), ""),
+    "SYNC_LOG_FORMAT": (_choice(_LOG_FORMATS), ""),
+    "SYNC_DRY_RUN": (_boolean, ""),
+    "SYNC_CLAIM_BATCH_SIZE": (_integer(1, 10_000), ""),
+    "SYNC_RESPONSE_MAX_BYTES": (_integer(1024, 64 * 1024 * 1024), ""),
+    "SYNC_JITTER_SECONDS": (_number(0, 3600), ""),
+    "SYNC_QUARANTINE_PROBE_SECONDS": (_number(1, 30 * 86400), ""),
+    "SYNC_POLL_BASE_SECONDS": (_number(0, 86400), ""),
+    "SYNC_POLL_PER_ITEM_SECONDS": (_number(0, 3600), ""),
+    "SYNC_POLL_MIN_SECONDS": (_number(0.1, 86400), ""),
+    "SYNC_POLL_MAX_SECONDS": (_number(0.1, 7 * 86400), ""),
+    "SYNC_DATABASE_OUTAGE_SECONDS": (_number(1, 86400), ""),
+    "SYNC_DATABASE_PREPARED_STATEMENTS": (_boolean, ""),
+    "SYNC_HISTORY_DAYS": (_number(0.001, 3650), ""),
+}
+# Read by their own functions below, because their values depend on other variables.
+_DATABASE_URL = "SYNC_DATABASE_URL"
+_TOKEN_FILE = "SYNC_BACKEND_TOKEN_FILE"
+KNOWN_VARIABLES = frozenset(_VARIABLES) | {_DATABASE_URL, _TOKEN_FILE}
+
+
+def _field_name(variable: str) -> str:
+    return variable.removeprefix("SYNC_").lower()
+
+
 def _database_url(env: Mapping[str, str], cwd: Path) -> str:
-    raw = env.get("SYNC_DATABASE_URL", "").strip()
+    raw = env.get(_DATABASE_URL, "").strip()
     if not raw:
         state_dirs = env.get("STATE_DIRECTORY", "").strip()
         base = Path(state_dirs.split(":")[0]) if state_dirs else cwd / "var"
         return f"sqlite:///{base / 'background-sync.db'}"
     try:
         url = make_url(raw)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError("SYNC_DATABASE_URL: is not a database URL") from None
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError("SYNC_DATABASE_URL: only sqlite and postgresql are supported")
     if url.get_backend_name() == "postgresql" and url.get_driver_name() not in ("psycopg",):
         raise ConfigError("SYNC_DATABASE_URL: use the psycopg driver (postgresql+psycopg://)")
+    if url.get_backend_name() == "postgresql":
+        problem = _postgres_url_problem(url)
+        if problem:
+            raise ConfigError(f"SYNC_DATABASE_URL: {problem}")
     return raw
 
 
+# Options psycopg.connect() takes as Python values, not as libpq text: from a URL they
+# would arrive as strings and fail deep inside a query.
+_PSYCOPG_ARGUMENTS = ("prepare_threshold", "autocommit", "row_factory", "cursor_factory")
+# libpq parses these as integers only when it opens a TCP connection; check them now.
+_LIBPQ_INTEGERS = (
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+)
+# A socket directory that cannot exist: libpq checks the options, then fails to connect.
+_NO_SERVER = "/nonexistent/background-sync-option-check"
+
+
+def _postgres_url_problem(url: URL) -> str | None:
+    """What is wrong with a PostgreSQL URL's query options, as libpq itself judges them.
+
+    The options go to psycopg and libpq, which would only complain at the first
+    connection (a wait and exit 69, or a TypeError deep in a query for
+    prepare_threshold=0). SQLAlchemy builds the very arguments it will pass to
+    psycopg.connect(); libpq's own conninfo parser checks every keyword; and a
+    connection started towards a socket that cannot exist makes libpq check the values
+    it validates before connecting (sslmode, target_session_attrs, service, ...),
+    without any network traffic.
+    """
+    import psycopg
+    from psycopg import pq
+    from psycopg.conninfo import make_conninfo
+
+    for name in _PSYCOPG_ARGUMENTS:
+        if name in url.query:
+            if name == "prepare_threshold":
+                return (
+                    "prepare_threshold is not accepted in the URL; set "
+                    "SYNC_DATABASE_PREPARED_STATEMENTS=false to turn server-side prepared "
+                    "statements off (as pgbouncer's transaction pooling needs)"
+                )
+            return f"{name} is a psycopg argument, not a connection option of the URL"
+    try:
+        _args, params = url.get_dialect()().create_connect_args(url)
+    except ArgumentError as exc:
+        return str(exc)
+    params = {key: str(value) for key, value in params.items()}
+    try:
+        make_conninfo("", **params)
+    except psycopg.ProgrammingError as exc:
+        return str(exc).strip().splitlines()[0]
+    for name in _LIBPQ_INTEGERS:
+        if name in params:
+            try:
+                int(params[name].strip(), 10)
+            except ValueError:
+                return f"invalid integer value {params[name]!r} for option {name}"
+    hosts = params.get("host", "").count(",") + 1
+    probe = {**params, "host": ",".join([_NO_SERVER] * hosts), "hostaddr": ""}
+    conn = pq.PGconn.connect_start(make_conninfo("", **probe).encode())
+    try:
+        message = conn.error_message.decode("utf-8", "replace").strip()
+    finally:
+        conn.finish()
+    if message and _NO_SERVER not in message:
+        return message.splitlines()[0]
+    return None
+
+
 def _token_file(env: Mapping[str, str]) -> Path | None:
-    raw = env.get("SYNC_BACKEND_TOKEN_FILE", "").strip()
+    raw = env.get(_TOKEN_FILE, "").strip()
     if raw:
         return Path(raw)
     credentials = env.get("CREDENTIALS_DIRECTORY", "").strip()

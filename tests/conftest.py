@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,6 +31,7 @@ from daemon.models import user_state
 from daemon.reference_backend import Faults, start_server
 from daemon.settings import Settings
 from daemon.store import Store
+from tests.waiting import wait_until
 
 SettingsFactory = Callable[..., Settings]
 
@@ -68,6 +75,131 @@ def postgres_url(postgres_database: str) -> Iterator[str]:
     with engine.connect() as conn:
         conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
     engine.dispose()
+
+
+@dataclass
+class PgBouncer:
+    """pgbouncer in transaction pooling mode in front of the test PostgreSQL."""
+
+    port: int
+    log: Path
+
+    def url(self, database: str) -> str:
+        """A URL for `database` through pgbouncer (which forwards any database name)."""
+        admin = make_url(POSTGRES_ADMIN_URL)
+        url = admin.set(host="127.0.0.1", port=self.port, database=database)
+        return str(url.render_as_string(False))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _unprivileged_user() -> str:
+    """pgbouncer refuses to run as root; `-u` names the user it switches to."""
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return name
+    pytest.fail("running as root, but neither user postgres nor nobody exists", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres_database: str) -> Iterator[PgBouncer]:
+    """pgbouncer (pool_mode=transaction, 2 server connections per database) on a free port.
+
+    As deployed in front of PostgreSQL: server connections are shared between clients
+    transaction by transaction. A missing pgbouncer is an error, never a skip.
+    """
+    binary = shutil.which("pgbouncer") or shutil.which("/usr/sbin/pgbouncer")
+    if binary is None:
+        pytest.fail("pgbouncer is required (apt-get install pgbouncer)", pytrace=False)
+    admin = make_url(POSTGRES_ADMIN_URL)
+    # Readable by the user pgbouncer switches to: not under pytest's private tmp dir.
+    directory = Path(tempfile.mkdtemp(prefix="bs-pgbouncer-"))
+    directory.chmod(0o755)
+    port = _free_port()
+    config = directory / "pgbouncer.ini"
+    users = directory / "userlist.txt"
+    users.write_text(f'"{admin.username}" ""\n')
+    config.write_text(
+        "[databases]\n"
+        f"* = host={admin.host or '127.0.0.1'} port={admin.port or 5432}\n"
+        "[pgbouncer]\n"
+        "listen_addr = 127.0.0.1\n"
+        f"listen_port = {port}\n"
+        "unix_socket_dir =\n"
+        "auth_type = trust\n"
+        f"auth_file = {users}\n"
+        "pool_mode = transaction\n"
+        "default_pool_size = 2\n"
+        "max_client_conn = 200\n"
+        # pgbouncer cannot forward these per client; see docs/operations.md
+        "ignore_startup_parameters = extra_float_digits,options\n"
+    )
+    for path in (config, users):
+        path.chmod(0o644)
+    log = directory / "pgbouncer.log"
+    command = [binary, str(config)]
+    if os.geteuid() == 0:
+        command[1:1] = ["-u", _unprivileged_user()]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    bouncer = PgBouncer(port, log)
+
+    def accepts() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"pgbouncer exited with {process.returncode}:\n{log.read_text()}")
+        probe = create_engine(
+            bouncer.url(str(make_url(postgres_database).database)), poolclass=NullPool
+        )
+        try:
+            with probe.connect() as conn:
+                return conn.exec_driver_sql("SELECT 1").scalar() == 1
+        except OperationalError:
+            return False
+        finally:
+            probe.dispose()
+
+    try:
+        wait_until(accepts, what="pgbouncer to accept connections", describe=log.read_text)
+        yield bouncer
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class BouncedDatabase:
+    """A fresh database of its own, reachable directly and through pgbouncer."""
+
+    direct_url: str
+    bouncer_url: str
+
+
+@pytest.fixture
+def pgbouncer_database(pgbouncer: PgBouncer) -> Iterator[BouncedDatabase]:
+    """A database per test: pgbouncer does not pass `options`, so no per-test schema."""
+    name = f"bsync_pgb_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    direct = str(make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(False))
+    try:
+        yield BouncedDatabase(direct, pgbouncer.url(name))
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from daemon.errors import ConfigError
-from daemon.settings import Settings, load
+from daemon.settings import KNOWN_VARIABLES, Settings, load, unknown_variables
 
 
 def test_defaults_match_the_design() -> None:
@@ -122,3 +122,87 @@ def test_settings_are_immutable() -> None:
     with pytest.raises(AttributeError):
         settings.concurrency = 3  # type: ignore[misc]
     assert isinstance(settings, Settings)
+
+
+# -- the database URL's options ------------------------------------------------------------
+
+_PG = "postgresql+psycopg://app:secret@db.internal/app"
+
+
+def test_prepared_statements_are_on_by_default_and_can_be_turned_off() -> None:
+    assert load({}).database_prepared_statements is True
+    settings = load({"SYNC_DATABASE_PREPARED_STATEMENTS": "false"})
+    assert settings.database_prepared_statements is False
+    assert settings.redacted()["database_prepared_statements"] is False
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?bogus=1",  # not a libpq keyword
+        "?prepare_threshold=0",  # a psycopg argument: reached psycopg as the string "0"
+        "?autocommit=true",
+        "?sslmode=sometimes",  # libpq's own value checks
+        "?target_session_attrs=fastest",
+        "?load_balance_hosts=maybe",
+        "?service=no-such-service",
+        "?keepalives_idle=soon",
+        "?connect_timeout=later",
+        "?host=a:5432&host=b:port",
+    ],
+)
+def test_a_bad_postgresql_url_option_is_one_error_naming_the_url(query: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({"SYNC_DATABASE_URL": _PG + query})
+    message = str(caught.value)
+    assert message.startswith("SYNC_DATABASE_URL: ")
+    assert "\n" not in message
+    assert "secret" not in message
+
+
+def test_prepare_threshold_in_the_url_points_to_the_setting() -> None:
+    with pytest.raises(ConfigError, match="SYNC_DATABASE_PREPARED_STATEMENTS=false"):
+        load({"SYNC_DATABASE_URL": _PG + "?prepare_threshold=0"})
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "?options=-csearch_path%3Dapp",
+        "?sslmode=require&connect_timeout=3",
+        "?application_name=sync-eu&keepalives_idle=30",
+        "?host=a:5432&host=b:5433&target_session_attrs=read-write",
+    ],
+)
+def test_valid_postgresql_url_options_are_accepted(query: str) -> None:
+    assert load({"SYNC_DATABASE_URL": _PG + query}).database_url == _PG + query
+
+
+def test_a_port_that_is_not_a_number_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"^SYNC_DATABASE_URL:"):
+        load({"SYNC_DATABASE_URL": "postgresql+psycopg://app@db:fivefour/app"})
+
+
+# -- unknown variables -----------------------------------------------------------------------
+
+
+def test_a_misspelt_variable_is_reported_with_the_closest_setting() -> None:
+    warnings = unknown_variables({"SYNC_CONCURENCY": "8", "SYNC_INTERVAL_SECOND": "60"})
+    assert warnings == [
+        "SYNC_CONCURENCY is not a known setting and is ignored; did you mean SYNC_CONCURRENCY?",
+        "SYNC_INTERVAL_SECOND is not a known setting and is ignored; "
+        "did you mean SYNC_INTERVAL_SECONDS?",
+    ]
+
+
+def test_known_settings_and_variables_of_others_are_not_reported() -> None:
+    environ = {name: "" for name in KNOWN_VARIABLES}
+    environ |= {"SYNC_TEST_POSTGRES_URL": "postgresql://x", "PATH": "/bin", "HOME": "/root"}
+    environ |= {"BACKGROUND_SYNC_UNIT_FILE": "/etc/x", "STATE_DIRECTORY": "/var/lib/x"}
+    assert unknown_variables(environ) == []
+
+
+def test_every_known_variable_is_documented() -> None:
+    reference = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert [name for name in sorted(KNOWN_VARIABLES) if f"`{name}`" not in reference] == []
