@@ -31,7 +31,9 @@ from daemon.settings import Settings
 from daemon.store import Store
 from tests.conftest import SettingsFactory
 
-NOW = datetime.now(UTC)
+
+def now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass
@@ -189,7 +191,7 @@ def sqlite_rows(engine: Engine, query: str) -> list[tuple[Any, ...]]:
 
 
 def epoch(delta: timedelta) -> int:
-    return int((NOW - delta).timestamp())
+    return int((now() - delta).timestamp())
 
 
 async def test_unix_epoch_last_sync_stays_unix_epoch_and_recent_users_are_not_called(
@@ -207,7 +209,7 @@ async def test_unix_epoch_last_sync_stays_unix_epoch_and_recent_users_are_not_ca
     assert sorted(capture.user_ids()) == [2, 3]
     stored = sqlite_rows(sqlite_engine, "SELECT id, typeof(last_sync), last_sync FROM users")
     assert [kind for _, kind, _ in stored] == ["integer"] * 3
-    assert all(abs(value - NOW.timestamp()) < 3600 for _, _, value in stored)
+    assert all(abs(value - now().timestamp()) < 3600 for _, _, value in stored)
     assert stored[0][2] == epoch(timedelta(minutes=10))  # untouched
 
 
@@ -223,7 +225,7 @@ async def test_unix_milliseconds_stay_milliseconds(
     await run_cycle(sqlite_settings(SYNC_BACKEND_URL=capture.url), sqlite_engine)
     assert capture.user_ids() == [2]
     (value,) = sqlite_rows(sqlite_engine, "SELECT last_sync FROM users WHERE id = 2")[0]
-    assert isinstance(value, int) and abs(value / 1000 - NOW.timestamp()) < 60
+    assert isinstance(value, int) and abs(value / 1000 - now().timestamp()) < 60
 
 
 @pytest.mark.parametrize("suffix", ["+00:00", "Z", ""])
@@ -233,7 +235,7 @@ async def test_iso_8601_text_is_found_due_and_written_back_in_its_own_form(
     """'2026-12-01T05:38:05+00:00' is compared as a time, not as a string, and kept ISO."""
 
     def iso(delta: timedelta) -> str:
-        return (NOW - delta).strftime("%Y-%m-%dT%H:%M:%S") + suffix
+        return (now() - delta).strftime("%Y-%m-%dT%H:%M:%S") + suffix
 
     execute(
         sqlite_engine,
@@ -246,14 +248,14 @@ async def test_iso_8601_text_is_found_due_and_written_back_in_its_own_form(
     for (value,) in sqlite_rows(sqlite_engine, "SELECT last_sync FROM users"):
         assert value[10] == "T" and value.endswith(suffix), value
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        assert abs((parsed.replace(tzinfo=UTC) - NOW).total_seconds()) < 3600
+        assert abs((parsed.replace(tzinfo=UTC) - now()).total_seconds()) < 3600
 
 
 async def test_sqlalchemy_text_without_fraction_is_not_skipped_at_a_page_boundary(
     sqlite_engine: Engine, sqlite_settings: Any, capture: Capture
 ) -> None:
     """Ties on last_sync across a page boundary are all visited, whatever the stored form."""
-    stamp = (NOW - timedelta(hours=2)).strftime("%Y-%m-%d %H:%M:%S")
+    stamp = (now() - timedelta(hours=2)).strftime("%Y-%m-%d %H:%M:%S")
     execute(
         sqlite_engine,
         "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, last_sync DATETIME)",
@@ -346,7 +348,7 @@ async def test_a_schema_qualified_users_table_is_synced(
 def advice(engine: Engine, settings: Settings) -> str | None:
     users = schema.inspect_users(engine, settings)
     store = Store(Database(engine), users, instance="advice", lease_seconds=60)
-    query = store.due_scan_query(stale_before=NOW - timedelta(hours=1), limit=256)
+    query = store.due_scan_query(stale_before=now() - timedelta(hours=1), limit=256)
     return schema.index_advice(engine, users, query)
 
 
