@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from daemon import control, dberrors, envfile, logs, schema, statusweb
+from daemon import control, dberrors, envfile, health, logs, schema, statusweb
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
 from daemon.cycle import Clock, Cycle, DbRunner, Report, dry_run
@@ -38,11 +38,13 @@ from daemon.resilience import BackendGate
 from daemon.scheduler import Scheduler
 from daemon.settings import Settings
 from daemon.store import Store
+from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
 
 EX_OK = 0
 EX_FAILED = 1
 EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
 EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
@@ -113,6 +115,8 @@ class App:
         self._gate = self._make_gate(settings)
         self._carry: tuple[Any, ...] = ()
         self._started_at: datetime = self._clock.now()
+        self._started_mono = time.monotonic()
+        self._stats = health.CycleStats()
         self._paused = False
         self._seen_force: datetime | None = None
         self._last_forced = -FORCE_COOLDOWN_SECONDS
@@ -298,8 +302,10 @@ class App:
         self._state = "idle"
         if self._may_start("startup"):
             self._launch_cycle("startup")
-        watchdog = asyncio.create_task(self._watchdog_loop(), name="watchdog")
-        controls = asyncio.create_task(self._control_loop(), name="control")
+        side_tasks = Supervisor(self._side_task_gave_up)
+        if self._notifier.watchdog_interval is not None:
+            side_tasks.start("watchdog", self._watchdog_loop)
+        side_tasks.start("control", self._control_loop)
         self._notifier.ready(self.status_line())
         self._log.info(
             "daemon_ready",
@@ -320,14 +326,19 @@ class App:
                     if self._may_start(reason):
                         self._launch_cycle(reason)
                 self._notifier.status(self.status_line())
+                self.metrics.show_health(self.health().state.value)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), LOOP_WAKE_SECONDS)
             return await self._shut_down()
         finally:
-            for task in (watchdog, controls):
-                task.cancel()
-            await asyncio.gather(watchdog, controls, return_exceptions=True)
+            await side_tasks.close()
+
+    def _side_task_gave_up(self, name: str, error: BaseException) -> None:
+        """A side task kept failing: end with 70 so that systemd starts a clean process."""
+        if self._fatal is None:
+            self._fatal = EX_SOFTWARE
+        self._wake.set()
 
     async def _shut_down(self) -> int:
         self._state = "stopping"
@@ -475,6 +486,7 @@ class App:
             self.metrics.in_cycle.set(0)
             self._state = "stopping" if self._stop.is_set() else "idle"
         self._last_report = report
+        self._stats.record(report, self._clock.now())
         self._carry = report.unrecorded
         self.metrics.record(report, time.time())
         if report.schema_error is not None:
@@ -679,37 +691,63 @@ class App:
     # -- what operators see ----------------------------------------------------------
 
     def status_line(self) -> str:
-        if self._schema_problem is not None:
-            return f"stopping: configuration error: {self._schema_problem}"[:200]
-        prefix = "database unavailable; " if self._db_down_since is not None else ""
-        if self._state == "syncing" and self._cycle is not None:
-            return prefix + self._cycle.progress.status_line()
-        if self._state == "stopping":
+        """STATUS=, the instances row and /status: the health first, unless healthy."""
+        verdict = self.health()
+        activity = self._activity()
+        if verdict.state is health.HealthState.HEALTHY or not verdict.reasons:
+            return activity
+        if verdict.state is health.HealthState.STOPPED:
             return "stopping"
-        if self._state == "starting":
-            return "starting"
+        return f"{verdict.state.value}: {'; '.join(verdict.reasons)}; {activity}"[:250]
+
+    def _activity(self) -> str:
+        """What the daemon is doing: starting, syncing n of m, idle until the next cycle."""
+        if self._state == "syncing" and self._cycle is not None:
+            return self._cycle.progress.status_line()
+        if self._state in ("stopping", "starting"):
+            return self._state
         next_in = round(self._scheduler.seconds_until_next()) if self._scheduler else 0
         line = f"idle, next cycle in {next_in} s"
         if self._last_report is not None and self._last_report.failed:
             line += f", last cycle failed {self._last_report.failed}"
-        return prefix + line
+        return line
+
+    def facts(self) -> health.Facts:
+        """What the daemon's health is decided from, as it is now."""
+        now = time.monotonic()
+        stalled = self._watch.overdue()
+        if stalled is None and self._cycle_task and self._cycle:
+            stalled = self._cycle.progress.overdue()
+        down = self._db_down_since
+        if down is None and self._cycle_task and self._cycle and self._cycle.degraded:
+            down = now  # the running cycle's writes fail right now
+        return health.Facts(
+            stopping=self._state == "stopping" or self._stop.is_set(),
+            configuration_problem=self._schema_problem,
+            credentials_rejected=self._stats.credentials_rejected,
+            database_down_s=None if down is None else now - down,
+            circuit=self._gate.state.value,
+            probe_in_s=self._gate.breaker.reopens_in(now),
+            stalled_on=stalled,
+            consecutive_failed_cycles=self._stats.consecutive_failures,
+            last_error=self._stats.last_error,
+        )
+
+    def health(self) -> health.Health:
+        """The one health every view shows."""
+        return health.assess(self.facts())
 
     def snapshot(self) -> dict[str, Any]:
-        reasons = []
-        if self._schema_problem is not None:
-            reasons.append(f"configuration: {self._schema_problem}")
-        if self._db_down_since is not None or (self._cycle and self._cycle.degraded):
-            reasons.append("database unavailable")
-        stalled = self._cycle.progress.overdue() if self._cycle_task and self._cycle else None
-        if stalled:
-            reasons.append(f"cycle stalled on {stalled}")
+        verdict = self.health()
+        self.metrics.show_health(verdict.state.value)
         progress = self._cycle.progress if self._cycle_task and self._cycle else None
         return {
             "instance": self.instance,
             "state": self._state,
             "status": self.status_line(),
-            "health": "unhealthy" if self._schema_problem else "degraded" if reasons else "ok",
-            "health_reasons": reasons,
+            "health": verdict.state.value,
+            "health_reasons": list(verdict.reasons),
+            "statistics": self._stats.snapshot(uptime_s=time.monotonic() - self._started_mono),
             "cycle": None
             if progress is None or self._cycle is None
             else {

@@ -102,6 +102,8 @@ class Report:
     circuit_open: bool = False
     # The database refused a statement for the shape of the users table: a config error.
     schema_error: str | None = None
+    # The backend answered 401/403: the credentials, not the users, are at fault.
+    auth_rejected: bool = False
     # Results the database did not take in time; the next cycle records them first.
     unrecorded: tuple[Result, ...] = ()
 
@@ -535,6 +537,7 @@ class Cycle:
             error=error,
             circuit_open=self._circuit_open,
             schema_error=self.schema_error,
+            auth_rejected=self._auth_logged,
             unrecorded=tuple(self._pending),
         )
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from daemon.cycle import Report
+from daemon.health import HealthState
 
 
 class Metrics:
@@ -47,11 +48,23 @@ class Metrics:
             "1 when the last database unit of work succeeded.",
             registry=self.registry,
         )
+        self.health = Gauge(
+            "background_sync_health",
+            "1 for the daemon's current health state (healthy, warning, degraded, ...).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.show_health("healthy")
         self.last_success = Gauge(
             "background_sync_last_successful_cycle_timestamp_seconds",
             "When the last cycle without failures finished (Unix time).",
             registry=self.registry,
         )
+
+    def show_health(self, state: str) -> None:
+        """One series per state, 1 for the current one (so alerts can match on the label)."""
+        for name in HealthState:
+            self.health.labels(name.value).set(1 if name.value == state else 0)
 
     def record(self, report: Report, finished_at: float) -> None:
         self.cycles.labels(report.outcome).inc()

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from daemon import health
 from daemon.errors import ConfigError
 from daemon.metrics import Metrics
 
@@ -21,7 +22,8 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 
 async def _health(request: web.Request) -> web.Response:
     snapshot = request.app[SNAPSHOT]()
-    code = 200 if snapshot["health"] == "ok" else 503
+    # healthy and warning answer 200; degraded, unhealthy and stopped 503 (daemon.health).
+    code = 200 if snapshot["health"] in health.SERVING else 503
     return web.json_response(
         {"health": snapshot["health"], "reasons": snapshot["health_reasons"]}, status=code
     )

@@ -138,7 +138,7 @@ def test_a_wall_clock_stepped_back_an_hour_keeps_cycles_starting_every_interval(
     # The step really happened inside the daemon: its log clock went back an hour.
     assert logged_at(before) - logged_at(stepped[-1]) > dt.timedelta(minutes=59)
     assert daemon.events("wall_clock_stepped")
-    assert harness.status(daemon)["health"] == "ok"
+    assert harness.status(daemon)["health"] == "healthy"
 
 
 def scheduled_after(daemon: Proc, since: float, *, count: int) -> list[dict[str, object]] | None:

@@ -304,7 +304,7 @@ def test_a_database_refusing_connections_degrades_health_and_the_daemon_recovers
         lambda: len(pg.synced()) == 15, what="new users synced after recovery", describe=daemon.tail
     )
     assert daemon.alive
-    assert harness.status(daemon)["health"] == "ok"
+    assert harness.status(daemon)["health"] == "healthy"
 
 
 def test_a_database_gone_past_the_outage_bound_ends_the_daemon_with_75(

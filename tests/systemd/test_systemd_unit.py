@@ -23,7 +23,8 @@ from tests.systemd.conftest import UNIT, USERS, Service, say, wait_until
 pytestmark = pytest.mark.timeout(600)
 
 STATUS_LINE = re.compile(
-    r"^(database unavailable; )?(syncing: starting|syncing \d+ of \d+|idle, next cycle in \d+ s)"
+    r"^((warning|degraded|unhealthy): .+; )?"
+    r"(syncing: starting|syncing \d+ of \d+|idle, next cycle in \d+ s)"
 )
 
 

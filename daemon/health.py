@@ -1,0 +1,156 @@
+"""The daemon's health, decided in one place from facts, and its cycle statistics.
+
+Every view (STATUS=, /health, /status, `status` through the instances row, /metrics)
+reads the same `Health`, computed by `assess()` from a `Facts` value the app gathers at
+that moment. Nothing stores a health string: a state set in several places drifts, and
+then /health says "ok" while the circuit is open.
+
+| state | when | /health |
+|---|---|---|
+| healthy | nothing below | 200 |
+| warning | the last one or two cycles could not complete; the circuit is half-open | 200 |
+| degraded | the database is unavailable; the circuit is open; 3+ cycles in a row failed | 503 |
+| unhealthy | a schema refused (configuration), credentials rejected, a stalled cycle | 503 |
+| stopped | shutting down | 503 |
+
+A cycle "fails" when it cannot complete (a database error, the circuit opened, the
+credentials were rejected, a bug). Users that fail one by one do not fail the cycle:
+they are counted per user, and a backend with a few bad users stays healthy.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from daemon.cycle import Report
+
+FAILED_CYCLES_DEGRADED = 3
+# /health answers 200 in these states; a load balancer or monitor takes the rest as down.
+SERVING = frozenset({"healthy", "warning"})
+
+
+class HealthState(enum.StrEnum):
+    HEALTHY = "healthy"
+    WARNING = "warning"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+    STOPPED = "stopped"
+
+
+_ORDER = list(HealthState)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the health is decided from; gathered by the app when a view asks."""
+
+    stopping: bool = False
+    configuration_problem: str | None = None
+    credentials_rejected: bool = False
+    database_down_s: float | None = None
+    circuit: str = "closed"
+    probe_in_s: float = 0.0
+    stalled_on: str | None = None
+    consecutive_failed_cycles: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    state: HealthState
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def serving(self) -> bool:
+        return self.state.value in SERVING
+
+
+def assess(facts: Facts) -> Health:
+    """The worst state any fact calls for, with every reason that applies."""
+    found: list[tuple[HealthState, str]] = []
+    if facts.stopping:
+        found.append((HealthState.STOPPED, "stopping"))
+    if facts.configuration_problem is not None:
+        found.append((HealthState.UNHEALTHY, f"configuration: {facts.configuration_problem}"))
+    if facts.credentials_rejected:
+        found.append((HealthState.UNHEALTHY, "the backend rejected our credentials"))
+    if facts.stalled_on is not None:
+        found.append((HealthState.UNHEALTHY, f"cycle stalled on {facts.stalled_on}"))
+    if facts.database_down_s is not None:
+        found.append(
+            (HealthState.DEGRADED, f"database unavailable for {round(facts.database_down_s)} s")
+        )
+    if facts.circuit == "open":
+        found.append(
+            (HealthState.DEGRADED, f"circuit open, probe in {max(0, round(facts.probe_in_s))} s")
+        )
+    elif facts.circuit == "half_open":
+        found.append((HealthState.WARNING, "circuit half-open: probing the backend"))
+    failed = facts.consecutive_failed_cycles
+    if failed:
+        why = f": {facts.last_error}" if facts.last_error else ""
+        state = HealthState.DEGRADED if failed >= FAILED_CYCLES_DEGRADED else HealthState.WARNING
+        found.append((state, f"{failed} cycle(s) in a row could not complete{why}"))
+    if not found:
+        return Health(HealthState.HEALTHY)
+    worst = max((state for state, _ in found), key=_ORDER.index)
+    return Health(worst, tuple(reason for _, reason in found))
+
+
+def cycle_failed(report: Report) -> bool:
+    """A cycle that could not complete; single users failing do not count."""
+    return report.outcome == "crashed" or report.error is not None
+
+
+@dataclass
+class CycleStats:
+    """Counts over the process's life, as an operator asks for them (seed 002's list)."""
+
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    consecutive_failures: int = 0
+    last_duration_s: float | None = None
+    durations_s: float = 0.0
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+    credentials_rejected: bool = False
+    _users: dict[str, int] = field(default_factory=lambda: {"succeeded": 0, "failed": 0})
+
+    def record(self, report: Report, at: datetime) -> None:
+        """Account one finished cycle (`at`: when it finished, wall time)."""
+        self.total += 1
+        self.last_duration_s = report.duration_s
+        self.durations_s += report.duration_s
+        self._users["succeeded"] += report.succeeded
+        self._users["failed"] += report.failed
+        self.credentials_rejected = report.auth_rejected
+        if cycle_failed(report):
+            self.failed += 1
+            self.consecutive_failures += 1
+            self.last_error = report.error or report.outcome
+            self.last_error_at = at
+        else:
+            self.succeeded += 1
+            self.consecutive_failures = 0
+
+    def snapshot(self, *, uptime_s: float) -> dict[str, Any]:
+        return {
+            "cycles_total": self.total,
+            "cycles_succeeded": self.succeeded,
+            "cycles_failed": self.failed,
+            "success_rate": round(self.succeeded / self.total, 4) if self.total else None,
+            "consecutive_failures": self.consecutive_failures,
+            "last_cycle_duration_s": self.last_duration_s,
+            "average_cycle_duration_s": round(self.durations_s / self.total, 3)
+            if self.total
+            else None,
+            "users_succeeded": self._users["succeeded"],
+            "users_failed": self._users["failed"],
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at.isoformat() if self.last_error_at else None,
+            "uptime_s": round(uptime_s, 1),
+        }
