@@ -128,6 +128,19 @@ async def health_page(daemon: App, logs: list[dict[str, Any]]) -> tuple[int, dic
         return response.status, await response.json()
 
 
+async def health_after_one_cycle(daemon: App) -> tuple[int, dict[str, Any]]:
+    """Run the daemon until its first cycle is over, read /health, stop it cleanly."""
+    with capture_logs() as logs:
+        running = asyncio.create_task(daemon.run_forever())
+        await wait_until_async(
+            lambda: daemon.snapshot()["statistics"]["cycles_total"] == 1, what="one cycle"
+        )
+        answer = await health_page(daemon, logs)
+        daemon.stop("test")
+        assert await running == EX_OK
+    return answer
+
+
 async def test_an_open_circuit_is_degraded_with_the_probe_time_everywhere(
     tmp_path: Path, backend: ReferenceBackend
 ) -> None:
@@ -166,15 +179,7 @@ async def test_rejected_credentials_are_unhealthy_not_ok(
     tmp_path: Path, token_backend: tuple[ReferenceBackend, Path]
 ) -> None:
     backend, _ = token_backend  # the daemon is given no token: every call is refused 401
-    daemon = App(app_settings(tmp_path, backend))
-    with capture_logs() as logs:
-        running = asyncio.create_task(daemon.run_forever())
-        await wait_until_async(
-            lambda: daemon.snapshot()["statistics"]["cycles_total"] == 1, what="one cycle"
-        )
-        status, page = await health_page(daemon, logs)
-        daemon.stop("test")
-        assert await running == EX_OK
+    status, page = await health_after_one_cycle(App(app_settings(tmp_path, backend)))
     assert (status, page["health"]) == (503, "unhealthy")
     assert "the backend rejected our credentials" in page["reasons"]
 
@@ -182,13 +187,5 @@ async def test_rejected_credentials_are_unhealthy_not_ok(
 async def test_a_healthy_daemon_answers_200_healthy(
     tmp_path: Path, backend: ReferenceBackend
 ) -> None:
-    daemon = App(app_settings(tmp_path, backend))
-    with capture_logs() as logs:
-        running = asyncio.create_task(daemon.run_forever())
-        await wait_until_async(
-            lambda: daemon.snapshot()["statistics"]["cycles_total"] == 1, what="one cycle"
-        )
-        status, page = await health_page(daemon, logs)
-        daemon.stop("test")
-        assert await running == EX_OK
+    status, page = await health_after_one_cycle(App(app_settings(tmp_path, backend)))
     assert (status, page) == (200, {"health": "healthy", "reasons": []})
