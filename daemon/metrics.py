@@ -47,6 +47,11 @@ class Metrics:
             "1 when the last database unit of work succeeded.",
             registry=self.registry,
         )
+        self.paused = Gauge(
+            "background_sync_paused",
+            "1 while an operator's pause holds (read from the database every 2 s).",
+            registry=self.registry,
+        )
         self.last_success = Gauge(
             "background_sync_last_successful_cycle_timestamp_seconds",
             "When the last cycle without failures finished (Unix time).",
