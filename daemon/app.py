@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from daemon import control, dberrors, envfile, health, logs, schema, statusweb
+from daemon import control, dberrors, envfile, health, logs, overview, schema, statusweb
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
 from daemon.cycle import Clock, Cycle, DbRunner, Report, dry_run
@@ -43,6 +43,7 @@ from daemon.systemd import Notifier
 
 EX_OK = 0
 EX_FAILED = 1
+EX_PAUSED = 3  # `once` or `force` while paused: nothing was synced or requested
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_IOERR = 74
@@ -118,6 +119,8 @@ class App:
         self._started_mono = time.monotonic()
         self._stats = health.CycleStats()
         self._paused = False
+        self._switches = control.Control()  # the last control row read: who paused, when
+        self._ignore_pause = False
         self._seen_force: datetime | None = None
         self._last_forced = -FORCE_COOLDOWN_SECONDS
         self._control_seen = False
@@ -134,8 +137,10 @@ class App:
         """`background-sync run`: cycles on schedule until stopped."""
         return await self._run(self._serve)
 
-    async def run_once(self) -> int:
-        """`once`: one cycle, then exit: 0 if every due user synced, 1 if any failed."""
+    async def run_once(self, *, ignore_pause: bool = False) -> int:
+        """`once`: one cycle, then exit: 0 if every due user synced, 1 if any failed,
+        3 (EX_PAUSED) if an operator's pause held it back, unless `ignore_pause`."""
+        self._ignore_pause = ignore_pause
         return await self._run(self._one_cycle)
 
     async def _run(self, body: Callable[[], Awaitable[int]]) -> int:
@@ -157,7 +162,30 @@ class App:
                 self._notifier.close()
 
     async def _one_cycle(self) -> int:
-        report = await self._start_cycle("once")
+        if not self._ignore_pause:
+            assert self._store is not None
+            self._apply_control(await self._db_runner(control.read, self._store.db))
+            if self._paused:
+                self._log.warning("cycle_skipped", reason="once", detail="paused by an operator")
+                print(
+                    f"background-sync: {overview.pause_text(self._switches)}; nothing synced "
+                    "(use --ignore-pause to run anyway)",
+                    file=sys.stderr,
+                )
+                return EX_PAUSED
+        watch = asyncio.create_task(self._watch_pause(), name="pause-watch")
+        try:
+            report = await self._start_cycle("once")
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        if report.outcome == "paused":
+            print(
+                f"background-sync: {overview.pause_text(self._switches)}; stopped after "
+                f"{report.succeeded} synced, {report.failed} failed",
+                file=sys.stderr,
+            )
+            return EX_PAUSED
         if report.schema_error is not None:
             return EX_CONFIG
         if self._database_file_lost():
@@ -165,6 +193,14 @@ class App:
         if report.outcome == "crashed":
             return EX_TEMPFAIL
         return EX_OK if report.outcome == "succeeded" else EX_FAILED
+
+    async def _watch_pause(self) -> None:
+        """`once` heeds a pause that comes while it runs, as the daemon's control poll does."""
+        assert self._store is not None
+        while not self._ignore_pause:
+            await asyncio.sleep(CONTROL_POLL_SECONDS)
+            with contextlib.suppress(StoreError):  # the cycle itself reports the database
+                self._apply_control(await self._db_runner(control.read, self._store.db))
 
     def stop(self, reason: str) -> None:
         """Ask the daemon to finish; idempotent, only sets events."""
@@ -406,7 +442,7 @@ class App:
                     instance=self.instance,
                     started_at=self._started_at,
                     now=self._clock.now(),
-                    state="paused" if self._paused else self._state,
+                    state=self._public_state(),
                     circuit=self._gate.state.value,
                     status=self.status_line(),
                 )
@@ -419,6 +455,8 @@ class App:
         self._apply_control(switches)
 
     def _apply_control(self, switches: control.Control) -> None:
+        self._switches = switches
+        self.metrics.paused.set(1 if switches.paused else 0)
         if switches.paused != self._paused:
             self._paused = switches.paused
             self._log.warning(
@@ -690,6 +728,12 @@ class App:
 
     # -- what operators see ----------------------------------------------------------
 
+    def _public_state(self) -> str:
+        """The state every view shows: a pause outranks idle and syncing."""
+        if self._paused and self._state in ("idle", "syncing"):
+            return "paused"
+        return self._state
+
     def status_line(self) -> str:
         """STATUS=, the instances row and /status: the health first, unless healthy."""
         verdict = self.health()
@@ -701,7 +745,12 @@ class App:
         return f"{verdict.state.value}: {'; '.join(verdict.reasons)}; {activity}"[:250]
 
     def _activity(self) -> str:
-        """What the daemon is doing: starting, syncing n of m, idle until the next cycle."""
+        """What the daemon is doing: paused, starting, syncing n of m, idle until the next."""
+        if self._public_state() == "paused":
+            paused = overview.pause_text(self._switches)
+            if self._cycle_task is not None and self._cycle is not None:
+                return f"{paused}, finishing {self._cycle.in_flight} call(s) in flight"
+            return f"{paused}, next cycle on resume"
         if self._state == "syncing" and self._cycle is not None:
             return self._cycle.progress.status_line()
         if self._state in ("stopping", "starting"):
@@ -743,8 +792,13 @@ class App:
         progress = self._cycle.progress if self._cycle_task and self._cycle else None
         return {
             "instance": self.instance,
-            "state": self._state,
+            "state": self._public_state(),
             "status": self.status_line(),
+            "paused": self._paused,
+            "paused_by": self._switches.updated_by if self._paused else None,
+            "paused_at": self._switches.paused_at.isoformat()
+            if self._paused and self._switches.paused_at
+            else None,
             "health": verdict.state.value,
             "health_reasons": list(verdict.reasons),
             "statistics": self._stats.snapshot(uptime_s=time.monotonic() - self._started_mono),

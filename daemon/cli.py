@@ -2,7 +2,9 @@
 
 Exit codes follow sysexits(3) where systemd cares: 78 (EX_CONFIG) for a bad setting,
 which the unit lists in RestartPreventExitStatus= so a typo does not restart-loop;
-69 when the database cannot be reached at start; 75 when it went away for too long.
+69 when the database cannot be reached at start; 75 when it went away for too long;
+3 when `once` or `force` finds syncing paused, so a script can tell "held back" from
+"failed" (`once --ignore-pause` runs anyway).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from daemon import __version__, dberrors, envfile, logs
 from daemon import settings as settings_module
-from daemon.app import EX_CONFIG, EX_OK, EX_UNAVAILABLE, App
+from daemon.app import EX_CONFIG, EX_OK, EX_PAUSED, EX_UNAVAILABLE, App
 from daemon.database import short_error
 from daemon.errors import ConfigError, StoreError
 from daemon.settings import Settings
@@ -85,7 +87,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _once(settings: Settings, args: argparse.Namespace) -> int:
-    return asyncio.run(App(settings, env_file=args.env_file).run_once())
+    app = App(settings, env_file=args.env_file)
+    return asyncio.run(app.run_once(ignore_pause=args.ignore_pause))
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -216,30 +219,47 @@ def _resume(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _set_paused(settings: Settings, paused: bool) -> int:
-    from daemon import control
+    from daemon import control, overview
     from daemon.database import utcnow
 
     db = _with_database(settings)
     try:
+        before = control.read(db)
+        if before.paused and paused:
+            print(f"already {overview.pause_text(before)}: nothing changed")
+            return EX_OK
         control.set_paused(db, paused, by=_operator(), now=utcnow())
     finally:
         db.dispose()
     if paused:
-        print("paused: every instance finishes its in-flight calls and claims nothing more")
+        print(
+            "paused: within a few seconds every instance stops calling the backend; calls "
+            "in flight finish, claimed users not yet called are released"
+        )
     else:
-        print("resumed: instances start claiming again at their next cycle")
+        print("resumed: instances start claiming again at their next cycle (or `force` now)")
     return EX_OK
 
 
 def _force(settings: Settings, args: argparse.Namespace) -> int:
-    from daemon import control
+    """A cycle now, unless paused: a forced cycle would not run, so none is requested."""
+    from daemon import control, overview
     from daemon.database import utcnow
 
     db = _with_database(settings)
     try:
-        control.request_force(db, by=_operator(), now=utcnow())
+        switches = control.read(db)
+        if not switches.paused:
+            control.request_force(db, by=_operator(), now=utcnow())
     finally:
         db.dispose()
+    if switches.paused:
+        print(
+            f"background-sync: not forced: every instance is {overview.pause_text(switches)}; "
+            "no cycle runs until `background-sync resume`, then force again",
+            file=sys.stderr,
+        )
+        return EX_PAUSED
     print("cycle requested: every running instance starts one within a few seconds")
     return EX_OK
 
@@ -304,7 +324,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", parents=[env], help="run the daemon in the foreground")
-    sub.add_parser("once", parents=[env], help="run one cycle; exit 1 if any user failed")
+    once = sub.add_parser(
+        "once", parents=[env], help="run one cycle; exit 1 if any user failed, 3 if paused"
+    )
+    once.add_argument(
+        "--ignore-pause",
+        action="store_true",
+        help="run even while an operator's pause holds (which otherwise exits 3)",
+    )
     sub.add_parser("migrate", parents=[env], help="create or upgrade the daemon's tables")
     check = sub.add_parser(
         "check-config",

@@ -149,6 +149,8 @@ class Cycle:
         self._pending: list[Result] = list(carry)
         self._start_delay = start_delay
         self._paused = paused
+        self._paused_seen = False
+        self._released_for_pause = 0
         self._halt: str | None = None
         self._circuit_open = False
         self._auth_logged = False
@@ -258,8 +260,8 @@ class Cycle:
         cursor = Cursor()
         try:
             while not self._stop.is_set() and self._halt is None:
-                if self._paused():
-                    self._log.warning("cycle_paused", detail="claiming stopped by an operator")
+                if self._paused() and not cursor.done:
+                    self._note_pause()
                     break
                 claims = await self._claim(cursor, stale_before)
                 if cursor.done and not claims:
@@ -328,7 +330,11 @@ class Cycle:
                 return
             # When halted, keep draining the queue so that the claimer never blocks; the
             # lease of a claim skipped here is given back by release_all at the end.
-            if self._halt is None:
+            if self._halt is not None:
+                pass
+            elif self._paused():
+                self._release_for_pause(claim)
+            else:
                 self._busy += 1
                 try:
                     await self._call(claim)
@@ -368,6 +374,32 @@ class Cycle:
         )
         self._count(result)
         self._log_result(result, outcome.counts, outcome.auth_problem)
+        self._pending.append(result)
+        if len(self._pending) >= self._flush_size:
+            self._flush_now.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Backend calls running now (STATUS= while a pause lets them finish)."""
+        return self._busy
+
+    def _note_pause(self) -> None:
+        if not self._paused_seen:
+            self._paused_seen = True
+            self._log.warning(
+                "cycle_paused",
+                detail="paused by an operator: calls in flight finish, the rest is released",
+                in_flight=self._busy,
+            )
+
+    def _release_for_pause(self, claim: Claim) -> None:
+        """Paused: this claim is not called. Its lease goes back with the next batch, and
+        nothing is held against the user (RELEASED decides nothing), so it is due again
+        as soon as syncing resumes."""
+        self._note_pause()
+        self._released_for_pause += 1
+        result = Result(claim, Outcome.RELEASED, self._clock.now(), error="paused by an operator")
+        self._count(result)
         self._pending.append(result)
         if len(self._pending) >= self._flush_size:
             self._flush_now.set()
@@ -520,6 +552,11 @@ class Cycle:
             outcome = "failed"
         elif self._stop.is_set() and p.done < p.claimed:
             outcome = "interrupted"
+        elif self._paused_seen:
+            # An operator's pause ended it early; never "failed" (nothing went wrong) and
+            # never "succeeded" (due users were left for after `resume`).
+            outcome = "paused"
+            error = f"paused by an operator; {self._released_for_pause} claimed user(s) released"
         elif p.done < p.claimed:
             outcome = "failed"  # never "succeeded" with claimed users left unattempted
         elif p.failed or self._pending:

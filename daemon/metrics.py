@@ -55,6 +55,11 @@ class Metrics:
             registry=self.registry,
         )
         self.show_health("healthy")
+        self.paused = Gauge(
+            "background_sync_paused",
+            "1 while an operator's pause holds (read from the database every 2 s).",
+            registry=self.registry,
+        )
         self.last_success = Gauge(
             "background_sync_last_successful_cycle_timestamp_seconds",
             "When the last cycle without failures finished (Unix time).",

@@ -53,7 +53,7 @@ runs = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("heartbeat_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=True),
-    # running, succeeded, failed (some users failed), interrupted, crashed
+    # running, succeeded, failed (some users failed), interrupted, paused, crashed
     Column("outcome", String(16), nullable=False),
     Column("claimed", Integer, nullable=False, server_default="0"),
     Column("succeeded", Integer, nullable=False, server_default="0"),

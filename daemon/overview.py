@@ -6,7 +6,7 @@ shares the database, not just the local one.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import desc, func, select
@@ -122,6 +122,13 @@ def _failing_users(session: Session) -> list[dict[str, Any]]:
         }
         for key, failures, status, error, next_at in rows
     ]
+
+
+def pause_text(switches: control.Control) -> str:
+    """ "paused by who since when": the one wording of STATUS=, `once` and `force`."""
+    since = aware(switches.paused_at)
+    when = f" since {since.astimezone(UTC):%Y-%m-%d %H:%M} UTC" if since else ""
+    return f"paused by {switches.updated_by or 'an operator'}{when}"
 
 
 def _iso(value: datetime | None) -> str | None:

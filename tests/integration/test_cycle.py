@@ -39,6 +39,7 @@ async def run_cycle(
     sleep: Any = None,
     gate: Gate | None = None,
     clock: Clock | None = None,
+    paused: asyncio.Event | None = None,
     **env: str,
 ) -> Report:
     settings = make_settings(SYNC_BACKEND_URL=url, **env)
@@ -53,6 +54,7 @@ async def run_cycle(
             db,
             stop=stop or asyncio.Event(),
             clock=clock,
+            paused=(paused or asyncio.Event()).is_set,
         )
         return await cycle.run()
     finally:
@@ -273,6 +275,29 @@ async def test_stop_lets_in_flight_calls_finish_and_releases_the_rest(
     assert held_leases(app_db) == 0
     with app_db.db.engine.connect() as conn:
         assert conn.execute(select(runs.c.outcome)).scalar_one() == "interrupted"
+
+
+async def test_a_pause_lets_in_flight_calls_finish_and_releases_the_backlog_uncalled(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    app_db.seed(50)
+    await backend.faults(latency_ms=300)
+    paused = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.5, paused.set)
+    report = await run_cycle(
+        app_db, make_settings, backend.url, paused=paused, SYNC_CONCURRENCY="4"
+    )
+    assert report.outcome == "paused"
+    assert 0 < report.succeeded < 50
+    assert report.claimed == 50 == report.succeeded + report.skipped
+    assert report.failed == 0
+    assert (await backend.stats())["requests"] == report.succeeded  # the rest never called
+    assert len(synced(app_db)) == report.succeeded
+    assert held_leases(app_db) == 0
+    with app_db.db.engine.connect() as conn:
+        failures = conn.execute(select(user_state.c.consecutive_failures)).scalars().all()
+        assert set(failures) == {0}  # a pause is held against nobody
+        assert conn.execute(select(runs.c.outcome)).scalar_one() == "paused"
 
 
 async def test_a_call_past_the_grace_period_is_cut_and_its_lease_released(
