@@ -111,6 +111,7 @@ class App:
         self._sigint_count = 0
         self._rng = random.Random()
         self._gate = self._make_gate(settings)
+        self._probe_timer: asyncio.TimerHandle | None = None
         self._carry: tuple[Any, ...] = ()
         self._started_at: datetime = self._clock.now()
         self._paused = False
@@ -365,8 +366,8 @@ class App:
         if self._paused:
             self._log.info("cycle_skipped", reason=reason, detail="paused by an operator")
             return False
-        wait = self._gate.breaker.reopens_in(time.monotonic())
-        if wait > 0:
+        wait = self._gate.probe_in()
+        if wait:
             self._log.info(
                 "cycle_skipped", reason=reason, detail="circuit open", probe_in_s=round(wait, 1)
             )
@@ -375,8 +376,11 @@ class App:
         return True
 
     def _schedule_probe(self, delay: float) -> None:
+        """One probe cycle at the breaker's reset time (a later call moves it, never adds)."""
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
         loop = asyncio.get_running_loop()
-        loop.call_later(delay + 0.05, self.request_cycle, "circuit_probe")
+        self._probe_timer = loop.call_later(delay + 0.05, self.request_cycle, "circuit_probe")
 
     async def _control_loop(self) -> None:
         """Its own task, so a slow or absent database never holds up the main loop."""
@@ -481,8 +485,9 @@ class App:
             self._schema_refused(report.schema_error)
             return report
         self._track_database(report)
-        if report.circuit_open and not self._stop.is_set():
-            self._schedule_probe(self._gate.breaker.reopens_in(time.monotonic()))
+        probe_in = self._gate.probe_in()
+        if probe_in is not None and not self._stop.is_set():
+            self._schedule_probe(probe_in)
         return report
 
     async def _dry_cycle(self) -> Report:
@@ -682,14 +687,16 @@ class App:
         if self._schema_problem is not None:
             return f"stopping: configuration error: {self._schema_problem}"[:200]
         prefix = "database unavailable; " if self._db_down_since is not None else ""
+        circuit = self._gate.describe()  # "circuit open, probe in N s", None when closed
         if self._state == "syncing" and self._cycle is not None:
-            return prefix + self._cycle.progress.status_line()
+            line = self._cycle.progress.status_line()
+            return prefix + (f"{line}; {circuit}" if circuit else line)
         if self._state == "stopping":
             return "stopping"
         if self._state == "starting":
             return "starting"
         next_in = round(self._scheduler.seconds_until_next()) if self._scheduler else 0
-        line = f"idle, next cycle in {next_in} s"
+        line = circuit or f"idle, next cycle in {next_in} s"
         if self._last_report is not None and self._last_report.failed:
             line += f", last cycle failed {self._last_report.failed}"
         return prefix + line
