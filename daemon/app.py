@@ -114,6 +114,7 @@ class App:
         self._sigint_count = 0
         self._rng = random.Random()
         self._gate = self._make_gate(settings)
+        self._probe_timer: asyncio.TimerHandle | None = None
         self._carry: tuple[Any, ...] = ()
         self._started_at: datetime = self._clock.now()
         self._started_mono = time.monotonic()
@@ -412,8 +413,8 @@ class App:
         if self._paused:
             self._log.info("cycle_skipped", reason=reason, detail="paused by an operator")
             return False
-        wait = self._gate.breaker.reopens_in(time.monotonic())
-        if wait > 0:
+        wait = self._gate.probe_in()
+        if wait:
             self._log.info(
                 "cycle_skipped", reason=reason, detail="circuit open", probe_in_s=round(wait, 1)
             )
@@ -422,8 +423,11 @@ class App:
         return True
 
     def _schedule_probe(self, delay: float) -> None:
+        """One probe cycle at the breaker's reset time (a later call moves it, never adds)."""
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
         loop = asyncio.get_running_loop()
-        loop.call_later(delay + 0.05, self.request_cycle, "circuit_probe")
+        self._probe_timer = loop.call_later(delay + 0.05, self.request_cycle, "circuit_probe")
 
     async def _control_loop(self) -> None:
         """Its own task, so a slow or absent database never holds up the main loop."""
@@ -531,8 +535,9 @@ class App:
             self._schema_refused(report.schema_error)
             return report
         self._track_database(report)
-        if report.circuit_open and not self._stop.is_set():
-            self._schedule_probe(self._gate.breaker.reopens_in(time.monotonic()))
+        probe_in = self._gate.probe_in()
+        if probe_in is not None and not self._stop.is_set():
+            self._schedule_probe(probe_in)
         return report
 
     async def _dry_cycle(self) -> Report:
@@ -776,7 +781,7 @@ class App:
             credentials_rejected=self._stats.credentials_rejected,
             database_down_s=None if down is None else now - down,
             circuit=self._gate.state.value,
-            probe_in_s=self._gate.breaker.reopens_in(now),
+            probe_in_s=self._gate.probe_in() or 0.0,
             stalled_on=stalled,
             consecutive_failed_cycles=self._stats.consecutive_failures,
             last_error=self._stats.last_error,

@@ -68,20 +68,34 @@ class GateClosed(Exception):
     """The gate refuses to let a call out (the circuit breaker is open)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What `Gate.wait` hands to an admitted call, and the call hands back with its answer.
+
+    `epoch` names the gate's state at admission, so an answer arriving after the state
+    changed can be told apart from one that speaks for the present; `probe` marks the one
+    call let through to test a backend that was failing.
+    """
+
+    epoch: int = 0
+    probe: bool = False
+
+
 class Gate:
     """What every call passes before it is sent. The base gate lets everything through;
     `daemon.resilience.BackendGate` adds the circuit breaker, slow-down and rate limit."""
 
-    async def wait(self) -> None:
-        """Return when a call may be sent; raise GateClosed when none may."""
+    async def wait(self) -> Ticket:
+        """Return a ticket when a call may be sent; raise GateClosed when none may."""
+        return Ticket()
+
+    def record(self, ticket: Ticket, healthy: bool, retry_after: float | None) -> None:
+        """Account the answer to the call admitted with `ticket`: `healthy` is False for
+        transport errors and 5xx."""
         return None
 
-    def record(self, healthy: bool, retry_after: float | None) -> None:
-        """Account one attempt: `healthy` is False for transport errors and 5xx."""
-        return None
-
-    def abandon(self) -> None:
-        """An attempt that passed `wait` ended without an answer (cancelled)."""
+    def abandon(self, ticket: Ticket) -> None:
+        """The call admitted with `ticket` ended without an answer (cancelled)."""
         return None
 
 
@@ -109,12 +123,14 @@ class BackendClient:
         if settings.backend_token is not None:
             self._headers["Authorization"] = f"Bearer {settings.backend_token.reveal()}"
         self._payload = dict(settings.backend_payload)
-        # The longest a call may wait at the gate: a Retry-After pause, a half-open probe's
-        # answer, and its turn under the rate limit with every other caller ahead of it.
-        rate = settings.max_requests_per_second
-        self._gate_bound = RETRY_AFTER_CAP_SECONDS + settings.request_timeout_seconds
-        if rate:
-            self._gate_bound += settings.concurrency / rate
+        # The longest a call may wait at the gate. While half-open it waits for the probe's
+        # answer: the probe's own turn (a Retry-After pause, its place under the rate limit
+        # with every other caller ahead of it) and its request. Then its own turn, as the
+        # probe's answer may have carried a new Retry-After.
+        turn = RETRY_AFTER_CAP_SECONDS
+        if settings.max_requests_per_second:
+            turn += settings.concurrency / settings.max_requests_per_second
+        self._gate_bound = 2 * turn + settings.request_timeout_seconds
         self._log = get_logger(component="backend")
 
     @staticmethod
@@ -153,7 +169,7 @@ class BackendClient:
             while True:
                 try:
                     with watch.bounded(self._gate_bound, "backend gate"):
-                        await self._gate.wait()
+                        ticket = await self._gate.wait()
                 except GateClosed as exc:
                     if attempts == 0:
                         return CallOutcome(Outcome.RELEASED, None, 0, str(exc), circuit_open=True)
@@ -168,9 +184,9 @@ class BackendClient:
                     answered = True
                 finally:
                     if not answered:
-                        self._gate.abandon()
+                        self._gate.abandon(ticket)
                 healthy = result.status is not None and result.status < 500
-                self._gate.record(healthy, result.retry_after)
+                self._gate.record(ticket, healthy, result.retry_after)
                 if result.progress_url is not None:
                     bound = self._settings.poll_max_seconds + self._settings.request_timeout_seconds
                     with watch.bounded(bound, "backend progress polling"):

@@ -21,6 +21,7 @@ they are counted per user, and a backend with a few bad users stays healthy.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -85,10 +86,13 @@ def assess(facts: Facts) -> Health:
         )
     if facts.circuit == "open":
         found.append(
-            (HealthState.DEGRADED, f"circuit open, probe in {max(0, round(facts.probe_in_s))} s")
+            (
+                HealthState.DEGRADED,
+                f"circuit open, probe in {math.ceil(max(0.0, facts.probe_in_s))} s",
+            )
         )
     elif facts.circuit == "half_open":
-        found.append((HealthState.WARNING, "circuit half-open: probing the backend"))
+        found.append((HealthState.WARNING, "circuit half-open, one probe in flight"))
     failed = facts.consecutive_failed_cycles
     if failed:
         why = f": {facts.last_error}" if facts.last_error else ""

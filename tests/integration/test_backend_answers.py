@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from daemon import reference_backend
 from daemon import settings as settings_module
-from daemon.backend import BackendClient, CallOutcome, Gate
+from daemon.backend import BackendClient, CallOutcome, Gate, Ticket
 from daemon.settings import Settings
 from daemon.store import Claim, Outcome
 from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
@@ -260,7 +260,7 @@ class ExplodingGate(Gate):
     def __init__(self) -> None:
         self.exploded = False
 
-    def record(self, healthy: bool, retry_after: float | None) -> None:
+    def record(self, ticket: Ticket, healthy: bool, retry_after: float | None) -> None:
         if not self.exploded:
             self.exploded = True
             raise RuntimeError("bookkeeping bug")

@@ -33,7 +33,7 @@ def test_nothing_wrong_is_healthy_with_no_reasons() -> None:
     ("facts", "state", "reason"),
     [
         (Facts(circuit="open", probe_in_s=41.6), "degraded", "circuit open, probe in 42 s"),
-        (Facts(circuit="half_open"), "warning", "circuit half-open: probing the backend"),
+        (Facts(circuit="half_open"), "warning", "circuit half-open, one probe in flight"),
         (Facts(database_down_s=12.2), "degraded", "database unavailable for 12 s"),
         (Facts(credentials_rejected=True), "unhealthy", "the backend rejected our credentials"),
         (Facts(configuration_problem="finish: x"), "unhealthy", "configuration: finish: x"),

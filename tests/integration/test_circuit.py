@@ -1,0 +1,90 @@
+"""The circuit breaker over real cycles against the reference backend on 127.0.0.1.
+
+The gate's clock is injected (a list the test moves forward), so the reset time passes
+when the test says; everything else is real: the database, the HTTP calls, the cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.resilience import BackendGate, State
+from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
+from tests.integration.test_cycle import run_cycle, synced
+from tests.waiting import POLL_SECONDS, WAIT_SECONDS
+
+RESET_SECONDS = 60.0
+
+
+async def until(probe: Callable[[], bool], what: str) -> None:
+    """Poll without blocking the event loop the daemon's code runs on."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not probe():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out waiting for {what}", pytrace=False)
+        await asyncio.sleep(POLL_SECONDS)
+
+
+async def test_a_late_success_keeps_the_circuit_open_and_the_probe_cycle_sends_one_call(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    """User 1's call hangs, then succeeds; users 2-4 fail meanwhile and open the circuit.
+
+    That late success answers a call started while the circuit was closed: it must not
+    close it. The probe cycle then sends exactly one call to the still failing backend,
+    however many callers it has, and that probe's failure re-opens the circuit.
+    """
+    app_db.seed(20)
+    clock = [0.0]
+    gate = BackendGate(
+        threshold=3, reset_seconds=RESET_SECONDS, max_per_second=None, clock=lambda: clock[0]
+    )
+    # User 1 hangs for a while and then succeeds; every other user gets a 500 at once.
+    await backend.faults(hang_rate=1.0, hang_seconds=1.5, fail_users=[str(u) for u in range(2, 21)])
+    # No retries; a failed user backs off for a minute or more, so stays out of later cycles.
+    env = {"SYNC_MAX_RETRIES": "0", "SYNC_RETRY_DELAY_SECONDS": "5"}
+    with capture_logs() as logs:
+        first = asyncio.create_task(
+            run_cycle(app_db, make_settings, backend.url, gate=gate, SYNC_CONCURRENCY="2", **env)
+        )
+        await until(lambda: gate.state is State.OPEN or first.done(), "the circuit to open")
+        at_open = await backend.stats()
+        assert at_open["in_flight"] == 1, "user 1's call should still be in flight"
+        report = await first
+    stats = await backend.stats()
+    assert stats["per_user_successes"] == {"1": 1}  # the late success arrived ...
+    assert report.succeeded == 1 and report.circuit_open
+    assert gate.state is State.OPEN  # ... and left the circuit open
+    assert "circuit_closed" not in [e["event"] for e in logs]
+    assert gate.stale_answers == 1
+    assert synced(app_db) == {1}  # the user's own success still counts for that user
+
+    # The reset time passes; the backend still fails for everyone.
+    await backend.faults(error_rate=1.0)
+    clock[0] = RESET_SECONDS + 1
+    before = stats["requests"]
+    with capture_logs() as logs:
+        probe = await run_cycle(
+            app_db, make_settings, backend.url, gate=gate, SYNC_CONCURRENCY="8", **env
+        )
+    assert (await backend.stats())["requests"] - before == 1  # one probe, not 8 callers
+    assert probe.failed == 1 and probe.circuit_open
+    events = [e["event"] for e in logs]
+    assert events.count("circuit_half_open") == 1 and events.count("circuit_opened") == 1
+    assert gate.state is State.OPEN
+    assert gate.probe_in() == pytest.approx(RESET_SECONDS)  # a fresh reset timer
+
+    # Only a probe's success closes it; then the cycle goes on at full concurrency.
+    await backend.faults()
+    clock[0] += RESET_SECONDS
+    recovered = await run_cycle(
+        app_db, make_settings, backend.url, gate=gate, SYNC_CONCURRENCY="8", **env
+    )
+    assert gate.state is State.CLOSED
+    # 20 users: 1 synced first; 2-4 and the failed probe's user are backing off.
+    assert recovered.succeeded == 15 and len(synced(app_db)) == 16
