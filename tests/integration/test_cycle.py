@@ -306,7 +306,13 @@ async def test_a_call_past_the_grace_period_is_cut_and_its_lease_released(
     app_db.seed(2)
     await backend.faults(hang_rate=1.0)
     stop = asyncio.Event()
-    asyncio.get_running_loop().call_later(0.3, stop.set)
+
+    async def stop_once_both_calls_hang() -> None:
+        while (await backend.stats())["in_flight"] < 2:
+            await asyncio.sleep(0.02)
+        stop.set()
+
+    stopper = asyncio.create_task(stop_once_both_calls_hang())
     report = await asyncio.wait_for(
         run_cycle(
             app_db,
@@ -317,6 +323,7 @@ async def test_a_call_past_the_grace_period_is_cut_and_its_lease_released(
         ),
         timeout=10,
     )
+    await stopper
     assert report.outcome == "interrupted"
     assert synced(app_db) == set()
     assert held_leases(app_db) == 0
