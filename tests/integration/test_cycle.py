@@ -308,9 +308,11 @@ async def test_a_call_past_the_grace_period_is_cut_and_its_lease_released(
     stop = asyncio.Event()
 
     async def stop_once_both_calls_hang() -> None:
-        while (await backend.stats())["in_flight"] < 2:
+        while True:
+            if (await backend.stats())["in_flight"] >= 2:
+                stop.set()
+                return
             await asyncio.sleep(0.02)
-        stop.set()
 
     stopper = asyncio.create_task(stop_once_both_calls_hang())
     report = await asyncio.wait_for(
