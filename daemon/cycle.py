@@ -102,7 +102,8 @@ class Report:
     circuit_open: bool = False
     # The database refused a statement for the shape of the users table: a config error.
     schema_error: str | None = None
-    # Results the database did not take in time; the next cycle records them first.
+    # Results the database did not take in time; the next cycle records them first,
+    # each under its own run_id.
     unrecorded: tuple[Result, ...] = ()
 
 
@@ -343,7 +344,13 @@ class Cycle:
             )
         except asyncio.CancelledError:
             self._pending.append(
-                Result(claim, Outcome.RELEASED, self._clock.now(), error="cancelled by shutdown")
+                Result(
+                    claim,
+                    Outcome.RELEASED,
+                    self._clock.now(),
+                    error="cancelled by shutdown",
+                    run_id=self.run_id,
+                )
             )
             raise
         duration_ms = round((self._clock.monotonic() - begin) * 1000)
@@ -363,6 +370,7 @@ class Cycle:
             attempts=outcome.attempts,
             error=outcome.error,
             duration_ms=duration_ms,
+            run_id=self.run_id,
         )
         self._count(result)
         self._log_result(result, outcome.counts, outcome.auth_problem)
@@ -431,7 +439,6 @@ class Cycle:
                 "finish",
                 self._store.finish,
                 batch,
-                run_id=self.run_id,
                 now=self._clock.now(),
                 backoff=self._user_backoff,
                 quarantine_after=self.settings.quarantine_after,
