@@ -146,26 +146,26 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def _ago(seconds: float | None) -> str:
-    """A relative age an operator reads at a glance: 5 s, 3 min, 2 h, 4 d."""
+def _age(seconds: float | None) -> str:
+    """A duration an operator reads at a glance: 5 s, 3 min, 2 h, 4 d."""
     if seconds is None:
-        return "never"
+        return "ever"
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= 2 * size:
-            return f"{int(seconds // size)} {unit} ago"
-    return f"{int(seconds)} s ago"
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
 
 
 def _instance_line(inst: dict[str, Any]) -> str:
-    seen = _ago(inst["seen_seconds_ago"])
+    age = _age(inst["seen_seconds_ago"])
     if inst["last_state"] == control.STOPPED:
-        return f"stopped {seen}"
+        return f"stopped {age} ago"
     if inst["lost"]:
         return (
-            f"LOST: silent since {seen} (over {control.LOST_AFTER_SECONDS:g} s), "
+            f"LOST: silent for {age} (over {control.LOST_AFTER_SECONDS:g} s), "
             f"last said {inst['last_state']}: {inst['status']}"
         )
-    return f"{inst['state']}, circuit {inst['circuit']}, seen {seen}: {inst['status']}"
+    return f"{inst['state']}, circuit {inst['circuit']}, seen {age} ago: {inst['status']}"
 
 
 def render(data: dict[str, Any]) -> str:

@@ -85,7 +85,7 @@ def test_a_daemon_killed_with_sigkill_is_listed_as_lost_once_silent_past_the_bou
     assert (inst["state"], inst["last_state"], inst["lost"]) == ("lost", "idle", True), inst
     assert inst["seen_seconds_ago"] >= LOST_AFTER_SECONDS
     shown = harness.cli("status", env=env).stdout
-    assert f"  {inst['instance']}: LOST: silent since " in shown, shown
+    assert f"  {inst['instance']}: LOST: silent for " in shown, shown
 
 
 def test_cleanup_refuses_a_threshold_below_the_lease_and_leaves_a_live_cycle_alone(

@@ -81,7 +81,7 @@ def test_status_says_how_long_ago_each_instance_was_seen_and_calls_a_silent_one_
     text = overview.render(
         overview.collect(app_db.db, app_db.store(), app_db.settings, now=utcnow())
     )
-    assert re.search(r"^  silent: LOST: silent since 3\d s ago .*, last said idle", text, re.M)
+    assert re.search(r"^  silent: LOST: silent for 3\d s .*, last said idle", text, re.M)
     assert re.search(r"^  stopped: stopped 3\d s ago$", text, re.M)
     assert re.search(r"^  fresh: idle, circuit closed, seen \d+ s ago: idle$", text, re.M)
 
