@@ -54,7 +54,10 @@ EX_FORCED = 130
 STARTUP_DATABASE_WAIT_SECONDS = 60.0
 DATABASE_RETRY_SECONDS = 30.0
 LOOP_WAKE_SECONDS = 1.0
-CONTROL_POLL_SECONDS = 2.0
+CONTROL_POLL_SECONDS = control.POLL_SECONDS
+# A clean stop says so in the instance row; a database that does not answer in this
+# long is not waited for (the row then ages into "lost" in `status`).
+STOPPED_MARK_SECONDS = 3.0
 FORCE_COOLDOWN_SECONDS = 10.0
 # Runs and instances silent for this long are cleaned up as abandoned.
 ABANDONED_AFTER = timedelta(minutes=10)
@@ -149,7 +152,9 @@ class App:
         with self._signals():
             try:
                 async with self._resources():
-                    return await body()
+                    exit_status = await body()
+                    await self._mark_stopped()
+                    return exit_status
             except _StoppedEarly:
                 return EX_OK
             except ConfigError as exc:
@@ -161,6 +166,16 @@ class App:
                 return EX_UNAVAILABLE
             finally:
                 self._notifier.close()
+
+    async def _mark_stopped(self) -> None:
+        """Best effort, bounded: `status` then shows this instance as stopped, not idle."""
+        if self._store is None:
+            return
+        try:
+            async with asyncio.timeout(STOPPED_MARK_SECONDS):
+                await self._db_runner(control.mark_stopped, self._store.db, instance=self.instance)
+        except (StoreError, ConfigError, TimeoutError) as exc:
+            self._log.warning("instance_stop_not_recorded", error=str(exc) or "timed out")
 
     async def _one_cycle(self) -> int:
         if not self._ignore_pause:

@@ -5,6 +5,8 @@ which the unit lists in RestartPreventExitStatus= so a typo does not restart-loo
 69 when the database cannot be reached at start; 75 when it went away for too long;
 3 when `once` or `force` finds syncing paused, so a script can tell "held back" from
 "failed" (`once --ignore-pause` runs anyway).
+64 (EX_USAGE) for a command-line value that would do harm, such as a `cleanup`
+threshold shorter than the lease.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from daemon.app import EX_CONFIG, EX_OK, EX_PAUSED, EX_UNAVAILABLE, App
 from daemon.database import short_error
 from daemon.errors import ConfigError, StoreError
 from daemon.settings import Settings
+
+EX_USAGE = 64
+# Past this, a threshold is not a time any more (and no longer fits a timedelta).
+CLEANUP_MAX_STALE_AFTER = 1e9
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -270,6 +276,16 @@ def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
     from daemon import control
     from daemon.database import utcnow
 
+    if not settings.lease_seconds <= args.stale_after <= CLEANUP_MAX_STALE_AFTER:  # and NaN
+        # Live runs renew their heartbeat every third of a lease: a shorter threshold
+        # would call running work abandoned.
+        print(
+            f"background-sync: cleanup --stale-after {args.stale_after:g}: must be seconds, "
+            f"at least SYNC_LEASE_SECONDS ({settings.lease_seconds:g}), or live work "
+            "looks abandoned",
+            file=sys.stderr,
+        )
+        return EX_USAGE
     db = _with_database(settings)
     try:
         cleaned = control.cleanup(db, now=utcnow(), stale_after=timedelta(seconds=args.stale_after))
@@ -355,7 +371,8 @@ def _parser() -> argparse.ArgumentParser:
         "--stale-after",
         type=float,
         default=600.0,
-        help="seconds without heartbeat after which a run or instance counts as gone",
+        help="seconds without heartbeat after which a run or instance counts as gone "
+        "(at least SYNC_LEASE_SECONDS; live leases are never touched)",
     )
     seed = sub.add_parser("seed-demo", parents=[env], help="create and fill a demo users table")
     seed.add_argument("--users", type=int, default=25, help="how many users the table should hold")

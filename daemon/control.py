@@ -7,6 +7,11 @@ left behind. Nothing here needs the daemon to be running, or to be local.
 Liveness is judged on the database's clock (`daemon.dbclock`): instances write their
 heartbeats with it and `cleanup` compares with it, so a host whose clock is off never
 makes another instance's live work look abandoned.
+
+An instance's row says what it was doing when it last reported. A clean stop writes
+`stopped` (with the stop time as its heartbeat) so that `status` never shows a gone
+daemon as idle or syncing; a row silent for LOST_AFTER_SECONDS without saying so is a
+daemon that died (kill -9, a host gone): `status` calls it lost.
 """
 
 from __future__ import annotations
@@ -15,13 +20,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import ColumnElement, delete, exists, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from daemon import __version__, dbclock
 from daemon.database import Database, aware
 from daemon.models import control, instances, operations, runs, user_state
+
+# How often a running instance refreshes its row and reads the switches.
+POLL_SECONDS = 2.0
+# An instance silent this long (three missed polls, and never under 30 s, so that a busy
+# database or a slow poll is not mistaken for death) is shown as lost unless it stopped.
+LOST_AFTER_SECONDS = max(30.0, 3 * POLL_SECONDS)
+STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,24 @@ def report_instance(
     return db.transaction(unit, name="report_instance")
 
 
+def mark_stopped(db: Database, *, instance: str) -> bool:
+    """Say that this instance stopped cleanly, at the database's time; True if written.
+
+    The row stays, so `status` can say "stopped 3 min ago"; `cleanup` forgets it later.
+    An instance that never reported (an early stop, `once`) has no row and gets none.
+    """
+    values = {"heartbeat_at": dbclock.now(db.dialect), "state": STOPPED, "status": STOPPED}
+
+    def unit(session: Session) -> bool:
+        return bool(
+            session.execute(
+                update(instances).where(instances.c.instance == instance).values(values)
+            ).rowcount  # type: ignore[attr-defined]
+        )
+
+    return db.transaction(unit, name="mark_stopped")
+
+
 @dataclass(frozen=True)
 class Cleaned:
     leases: int
@@ -128,9 +158,18 @@ def cleanup(db: Database, *, now: datetime, stale_after: timedelta) -> Cleaned:
     in `status` and in the operations history, with who held it and since when.
     "Expired" and "silent for `stale_after`" are judged on the database's clock; `now`
     (the caller's clock) only dates the records this writes.
+
+    Live work is never touched, whatever `stale_after` says: a lease that has not
+    expired stays; a run or an instance that still holds a live lease is not closed or
+    forgotten (a lease is only renewed by a living instance); an instance is forgotten
+    only once `status` would call it lost (or it stopped) and it has been silent for
+    `stale_after`. The command line refuses a `stale_after` shorter than the lease.
     """
+    if stale_after <= timedelta(0):
+        raise ValueError(f"stale_after must be positive, not {stale_after}")
     db_now = dbclock.now(db.dialect)
     silent_since = dbclock.after(db.dialect, -stale_after.total_seconds())
+    gone_since = dbclock.after(db.dialect, -max(stale_after.total_seconds(), LOST_AFTER_SECONDS))
 
     def unit(session: Session) -> Cleaned:
         s = user_state.c
@@ -167,12 +206,28 @@ def cleanup(db: Database, *, now: datetime, stale_after: timedelta) -> Cleaned:
             )
         dead_runs = session.execute(
             update(runs)
-            .where(runs.c.outcome == "running", runs.c.heartbeat_at < silent_since)
+            .where(
+                runs.c.outcome == "running",
+                runs.c.heartbeat_at < silent_since,
+                ~_holds_live_lease(runs.c.instance, db_now),
+            )
             .values(outcome="abandoned", finished_at=now, error="run heartbeat stopped")
         ).rowcount  # type: ignore[attr-defined]
         gone = session.execute(
-            delete(instances).where(instances.c.heartbeat_at < silent_since)
+            delete(instances).where(
+                instances.c.heartbeat_at < silent_since,
+                (instances.c.state == STOPPED) | (instances.c.heartbeat_at < gone_since),
+                ~_holds_live_lease(instances.c.instance, db_now),
+            )
         ).rowcount  # type: ignore[attr-defined]
         return Cleaned(leases=len(expired), runs=int(dead_runs or 0), instances=int(gone or 0))
 
     return db.transaction(unit, name="cleanup")
+
+
+def _holds_live_lease(
+    owner: ColumnElement[str], db_now: ColumnElement[datetime]
+) -> ColumnElement[bool]:
+    """Whether `owner` (a column naming an instance) holds a lease that has not expired."""
+    s = user_state.c
+    return exists().where(s.lease_owner == owner, s.lease_expires_at >= db_now)

@@ -104,7 +104,8 @@ class Report:
     schema_error: str | None = None
     # The backend answered 401/403: the credentials, not the users, are at fault.
     auth_rejected: bool = False
-    # Results the database did not take in time; the next cycle records them first.
+    # Results the database did not take in time; the next cycle records them first,
+    # each under its own run_id.
     unrecorded: tuple[Result, ...] = ()
 
 
@@ -351,7 +352,13 @@ class Cycle:
             )
         except asyncio.CancelledError:
             self._pending.append(
-                Result(claim, Outcome.RELEASED, self._clock.now(), error="cancelled by shutdown")
+                Result(
+                    claim,
+                    Outcome.RELEASED,
+                    self._clock.now(),
+                    error="cancelled by shutdown",
+                    run_id=self.run_id,
+                )
             )
             raise
         duration_ms = round((self._clock.monotonic() - begin) * 1000)
@@ -371,6 +378,7 @@ class Cycle:
             attempts=outcome.attempts,
             error=outcome.error,
             duration_ms=duration_ms,
+            run_id=self.run_id,
         )
         self._count(result)
         self._log_result(result, outcome.counts, outcome.auth_problem)
@@ -398,7 +406,13 @@ class Cycle:
         as soon as syncing resumes."""
         self._note_pause()
         self._released_for_pause += 1
-        result = Result(claim, Outcome.RELEASED, self._clock.now(), error="paused by an operator")
+        result = Result(
+            claim,
+            Outcome.RELEASED,
+            self._clock.now(),
+            error="paused by an operator",
+            run_id=self.run_id,
+        )
         self._count(result)
         self._pending.append(result)
         if len(self._pending) >= self._flush_size:
@@ -465,7 +479,6 @@ class Cycle:
                 "finish",
                 self._store.finish,
                 batch,
-                run_id=self.run_id,
                 now=self._clock.now(),
                 backoff=self._user_backoff,
                 quarantine_after=self.settings.quarantine_after,

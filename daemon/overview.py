@@ -2,6 +2,11 @@
 
 Reads only; works whether or not a daemon is running, and shows every instance that
 shares the database, not just the local one.
+
+How long ago an instance was seen is measured on the database's clock, the one its
+heartbeat was written with, so a host whose clock is off still reads true ages. An
+instance silent past `control.LOST_AFTER_SECONDS` that did not say it stopped is shown
+as lost: its last state ("idle", "syncing 190 of 295") is what it was doing when it died.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ def collect(db: Database, store: Store, settings: Settings, *, now: datetime) ->
             "paused": switches.paused,
             "paused_by": switches.updated_by if switches.paused else None,
             "paused_at": _iso(switches.paused_at),
-            "instances": _instances(session),
+            "instances": _instances(session, db.dialect),
             "quarantined_users": session.execute(
                 select(func.count()).where(
                     user_state.c.consecutive_failures >= settings.quarantine_after
@@ -54,20 +59,32 @@ def collect(db: Database, store: Store, settings: Settings, *, now: datetime) ->
     return result
 
 
-def _instances(session: Session) -> list[dict[str, Any]]:
+def _instances(session: Session, dialect: str) -> list[dict[str, Any]]:
+    """Every instance row, with its age and its liveness: `state` is "lost" for one that
+    went silent without stopping; `last_state` is what it last reported."""
+    db_now = aware(session.execute(select(dbclock.now(dialect))).scalar_one())
+    assert db_now is not None
     rows = session.execute(select(instances).order_by(instances.c.started_at))
-    return [
-        {
-            "instance": r.instance,
-            "state": r.state,
-            "circuit": r.circuit,
-            "status": r.status,
-            "started_at": _iso(r.started_at),
-            "heartbeat_at": _iso(r.heartbeat_at),
-            "version": r.version,
-        }
-        for r in rows
-    ]
+    found = []
+    for r in rows:
+        heartbeat = aware(r.heartbeat_at)
+        seen = max(0.0, (db_now - heartbeat).total_seconds()) if heartbeat else None
+        lost = r.state != control.STOPPED and (seen is None or seen > control.LOST_AFTER_SECONDS)
+        found.append(
+            {
+                "instance": r.instance,
+                "state": "lost" if lost else r.state,
+                "last_state": r.state,
+                "lost": lost,
+                "seen_seconds_ago": None if seen is None else round(seen, 1),
+                "circuit": r.circuit,
+                "status": r.status,
+                "started_at": _iso(r.started_at),
+                "heartbeat_at": _iso(r.heartbeat_at),
+                "version": r.version,
+            }
+        )
+    return found
 
 
 def _recent_runs(session: Session) -> list[dict[str, Any]]:
@@ -136,6 +153,28 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def _age(seconds: float | None) -> str:
+    """A duration an operator reads at a glance: 5 s, 3 min, 2 h, 4 d."""
+    if seconds is None:
+        return "ever"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
+
+
+def _instance_line(inst: dict[str, Any]) -> str:
+    age = _age(inst["seen_seconds_ago"])
+    if inst["last_state"] == control.STOPPED:
+        return f"stopped {age} ago"
+    if inst["lost"]:
+        return (
+            f"LOST: silent for {age} (over {control.LOST_AFTER_SECONDS:g} s), "
+            f"last said {inst['last_state']}: {inst['status']}"
+        )
+    return f"{inst['state']}, circuit {inst['circuit']}, seen {age} ago: {inst['status']}"
+
+
 def render(data: dict[str, Any]) -> str:
     """The human form of `status`."""
     lines = []
@@ -146,11 +185,7 @@ def render(data: dict[str, Any]) -> str:
     lines.append("instances:")
     if not data["instances"]:
         lines.append("  (none running)")
-    for inst in data["instances"]:
-        lines.append(
-            f"  {inst['instance']}: {inst['state']}, circuit {inst['circuit']}, "
-            f"last seen {inst['heartbeat_at']}: {inst['status']}"
-        )
+    lines += [f"  {inst['instance']}: {_instance_line(inst)}" for inst in data["instances"]]
     lines.append(f"users in flight: {data['users_in_flight']}")
     if data["leases"]:
         lines.append("leases held:")

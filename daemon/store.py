@@ -87,7 +87,11 @@ class Claim:
 
 @dataclass(slots=True)
 class Result:
-    """What happened to one claim; `finished_at` is when the backend answered."""
+    """What happened to one claim; `finished_at` is when the backend answered.
+
+    `run_id` is the run that made the call. A result the database did not take in time
+    is recorded by a later run, and must still be filed under its own.
+    """
 
     claim: Claim
     outcome: Outcome
@@ -96,6 +100,7 @@ class Result:
     attempts: int = 0
     error: str | None = None
     duration_ms: int = 0
+    run_id: str = field(kw_only=True)
 
 
 @dataclass(slots=True)
@@ -384,14 +389,15 @@ class Store:
         self,
         results: Sequence[Result],
         *,
-        run_id: str,
         now: datetime,
         backoff: Callable[[int], float],
         quarantine_after: int = 0,
     ) -> Finished:
         """Record a batch of results; last_sync moves only for successes still leased.
 
-        A failure's backoff runs from the database's clock; `now` is not used.
+        Each operation is filed under its own result's run: a batch may hold results
+        carried over from an earlier run. A failure's backoff runs from the database's
+        clock; `now` is not used.
         """
         if not results:
             return Finished()
@@ -425,7 +431,7 @@ class Store:
                     ],
                 )
             self._update_states(session, held, current, backoff=backoff)
-            self._close_operations(session, results, lost, run_id)
+            self._close_operations(session, results, lost)
             quarantined = [
                 r
                 for r in held
@@ -512,7 +518,7 @@ class Store:
             )
 
     def _close_operations(
-        self, session: Session, results: Sequence[Result], lost: Sequence[Result], run_id: str
+        self, session: Session, results: Sequence[Result], lost: Sequence[Result]
     ) -> None:
         """One row per finished attempt; in-flight work is the lease row itself."""
         lost_tokens = {r.claim.token for r in lost}
@@ -527,7 +533,7 @@ class Store:
             [
                 {
                     "id": r.claim.token,
-                    "run_id": run_id,
+                    "run_id": r.run_id,
                     "user_key": r.claim.key,
                     "instance": self.instance,
                     "started_at": r.claim.claimed_at or r.finished_at,

@@ -175,7 +175,7 @@ def test_cleanup_records_and_frees_what_a_killed_instance_held(harness: Harness,
     victim.wait_exit()
     held = len(pg.leases_of(victim.pid))
     time.sleep(3.2)  # let the leases expire: that is what makes them abandoned
-    done = harness.cli("cleanup", "--stale-after", "1", env=env)
+    done = harness.cli("cleanup", "--stale-after", "3", env=env)
     assert done.returncode == 0, done.stderr
     assert f"freed {held} expired lease(s)" in done.stdout
     assert "closed 1 abandoned run(s)" in done.stdout

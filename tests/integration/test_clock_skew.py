@@ -78,8 +78,16 @@ def test_a_failed_users_backoff_runs_on_the_database_clock(app_db: AppDatabase) 
     behind = app_db.store(instance="behind", lease_seconds=LEASE)
     (claim,) = claim_all(behind, skew=BEHIND)
     behind.finish(
-        [Result(claim, Outcome.FAILED, utcnow() + BEHIND, http_status=503, error="HTTP 503")],
-        run_id="run1",
+        [
+            Result(
+                claim,
+                Outcome.FAILED,
+                utcnow() + BEHIND,
+                http_status=503,
+                error="HTTP 503",
+                run_id="run1",
+            )
+        ],
         now=utcnow() + BEHIND,
         backoff=lambda failures: 600.0,
     )

@@ -30,8 +30,10 @@ def claim_all(
 
 
 def succeed(store: Store, claims: list, *, at: datetime = NOW) -> list:
-    results = [Result(c, Outcome.SUCCESS, at, http_status=200, attempts=1) for c in claims]
-    return store.finish(results, run_id="run1", now=at, backoff=lambda n: 60.0).lease_lost
+    results = [
+        Result(c, Outcome.SUCCESS, at, http_status=200, attempts=1, run_id="run1") for c in claims
+    ]
+    return store.finish(results, now=at, backoff=lambda n: 60.0).lease_lost
 
 
 def test_never_synced_and_stale_users_are_due_and_fresh_ones_are_not(app_db: AppDatabase) -> None:
@@ -115,8 +117,17 @@ def test_failed_call_never_advances_last_sync_and_backs_the_user_off(
     store = app_db.store()
     (claim,) = claim_all(store)
     store.finish(
-        [Result(claim, Outcome.FAILED, NOW, http_status=503, attempts=4, error="HTTP 503")],
-        run_id="run1",
+        [
+            Result(
+                claim,
+                Outcome.FAILED,
+                NOW,
+                http_status=503,
+                attempts=4,
+                error="HTTP 503",
+                run_id="run1",
+            )
+        ],
         now=NOW,
         backoff=lambda failures: 600.0 * failures,
     )
@@ -138,7 +149,7 @@ def test_one_success_resets_the_failure_count(app_db: AppDatabase) -> None:
     store = app_db.store()
     (claim,) = claim_all(store)
     store.finish(
-        [Result(claim, Outcome.FAILED, NOW, error="x")], run_id="r", now=NOW, backoff=lambda n: 1
+        [Result(claim, Outcome.FAILED, NOW, error="x", run_id="r")], now=NOW, backoff=lambda n: 1
     )
     app_db.let_time_pass(5)
     (claim,) = claim_all(store, now=NOW + timedelta(seconds=5))
@@ -153,8 +164,7 @@ def test_a_conflict_neither_advances_last_sync_nor_counts_as_failure(app_db: App
     store = app_db.store()
     (claim,) = claim_all(store)
     store.finish(
-        [Result(claim, Outcome.CONFLICT, NOW, http_status=409)],
-        run_id="r",
+        [Result(claim, Outcome.CONFLICT, NOW, http_status=409, run_id="r")],
         now=NOW,
         backoff=lambda n: 1,
     )
@@ -168,7 +178,7 @@ def test_a_user_is_attempted_at_most_once_per_cycle(app_db: AppDatabase) -> None
     app_db.seed(1)
     store = app_db.store()
     (claim,) = claim_all(store, run_id="run1")
-    store.finish([Result(claim, Outcome.CONFLICT, NOW)], run_id="r", now=NOW, backoff=lambda n: 1)
+    store.finish([Result(claim, Outcome.CONFLICT, NOW, run_id="r")], now=NOW, backoff=lambda n: 1)
     # the same run scanning again (as after a rescan): the user was attempted already
     again = store.claim(
         Cursor(), 10, run_id="run1", now=NOW + timedelta(seconds=1), stale_before=STALE
