@@ -29,7 +29,7 @@ from aiohttp import web
 from daemon import control, dberrors, envfile, health, logs, overview, schema, statusweb
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
-from daemon.cycle import Clock, Cycle, DbRunner, Report, dry_run
+from daemon.cycle import Clock, Cycle, DbRunner, dry_run
 from daemon.database import SCHEMA_REVISION, Database, current_revision, engine_for, sqlite_file
 from daemon.errors import ConfigError, StoreError
 from daemon.metrics import Metrics
@@ -40,6 +40,7 @@ from daemon.settings import Settings
 from daemon.store import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
+from daemon.values import Report
 
 EX_OK = 0
 EX_FAILED = 1

@@ -25,7 +25,7 @@ from daemon import backoff
 from daemon.logs import get_logger
 from daemon.progress import Progress
 from daemon.settings import Settings
-from daemon.store import Claim, Outcome
+from daemon.values import Claim, Outcome
 
 RETRY_DELAY_CAP_SECONDS = 60.0
 RETRY_AFTER_CAP_SECONDS = 300.0

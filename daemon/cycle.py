@@ -11,68 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from daemon import backoff
 from daemon.backend import BackendClient
+from daemon.backlog import DONE, Backlog
 from daemon.errors import SchemaError, StoreError
 from daemon.logs import get_logger
 from daemon.progress import Progress
 from daemon.settings import Settings
-from daemon.store import Claim, Cursor, Outcome, Result, Store, new_run_id
+from daemon.store import Cursor, Store, new_run_id
+from daemon.values import Claim, Outcome, Report, Result
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 USER_BACKOFF_CAP_SECONDS = 6 * 3600.0
 FLUSH_INTERVAL_SECONDS = 0.2
-_DONE = object()
-
-
-class _Backlog:
-    """Claims waiting for a caller: taken-over users first, then the scan's pages.
-
-    The scan's side is bounded (the claimer waits for room, so leases are not taken far
-    ahead of need); taken-over users go to the front, because their lease already ran
-    out once and they have waited longest.
-    """
-
-    _URGENT, _SCAN, _LAST = 0, 1, 2
-
-    def __init__(self, room: int) -> None:
-        self._queue: asyncio.PriorityQueue[tuple[int, int, Any]] = asyncio.PriorityQueue()
-        self._order = itertools.count()
-        self._room = room
-        self._freed = asyncio.Event()
-
-    async def put(self, claim: Claim) -> None:
-        while self._queue.qsize() >= self._room:
-            self._freed.clear()
-            await self._freed.wait()
-        self._queue.put_nowait((self._SCAN, next(self._order), claim))
-
-    def put_urgent(self, claim: Claim) -> None:
-        self._queue.put_nowait((self._URGENT, next(self._order), claim))
-
-    def put_done(self) -> None:
-        """The end marker for one caller; it sorts after every claim."""
-        self._queue.put_nowait((self._LAST, next(self._order), _DONE))
-
-    async def get(self) -> Any:
-        item = (await self._queue.get())[2]
-        if self._queue.qsize() < self._room:
-            self._freed.set()
-        return item
-
-    def empty(self) -> bool:
-        return self._queue.empty()
 
 
 class DbRunner:
@@ -87,26 +47,6 @@ class DbRunner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-
-
-@dataclass(frozen=True)
-class Report:
-    run_id: str
-    outcome: str
-    claimed: int
-    succeeded: int
-    failed: int
-    skipped: int
-    duration_s: float
-    error: str | None = None
-    circuit_open: bool = False
-    # The database refused a statement for the shape of the users table: a config error.
-    schema_error: str | None = None
-    # The backend answered 401/403: the credentials, not the users, are at fault.
-    auth_rejected: bool = False
-    # Results the database did not take in time; the next cycle records them first,
-    # each under its own run_id.
-    unrecorded: tuple[Result, ...] = ()
 
 
 class Clock:
@@ -146,7 +86,7 @@ class Cycle:
         self._stop = stop
         self._clock = clock or Clock()
         self._rng = rng or random.Random()
-        self._queue = _Backlog(room=settings.claim_batch_size)
+        self._queue = Backlog(room=settings.claim_batch_size)
         self._pending: list[Result] = list(carry)
         self._start_delay = start_delay
         self._paused = paused
@@ -327,7 +267,7 @@ class Cycle:
     async def _call_loop(self) -> None:
         while True:
             claim = await self._queue.get()
-            if claim is _DONE or self._stop.is_set():
+            if claim is DONE or self._stop.is_set():
                 return
             # When halted, keep draining the queue so that the claimer never blocks; the
             # lease of a claim skipped here is given back by release_all at the end.

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from daemon.cycle import Report
+from daemon.values import Report
 
 FAILED_CYCLES_DEGRADED = 3
 # /health answers 200 in these states; a load balancer or monitor takes the rest as down.

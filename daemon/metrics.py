@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from daemon.cycle import Report
 from daemon.health import HealthState
+from daemon.values import Report
 
 
 class Metrics:

@@ -17,10 +17,9 @@ record.
 
 from __future__ import annotations
 
-import enum
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -49,6 +48,7 @@ from daemon import dbclock
 from daemon.database import Database
 from daemon.models import operations, runs, user_state
 from daemon.schema import UsersTable, wire_id
+from daemon.values import Claim, Finished, Outcome, Result
 
 ERROR_TEXT_LIMIT = 500
 _OUTCOME_FIELDS = (
@@ -60,47 +60,6 @@ _OUTCOME_FIELDS = (
     "error",
     "duration_ms",
 )
-
-
-class Outcome(enum.StrEnum):
-    SUCCESS = "success"
-    FAILED = "failed"
-    CONFLICT = "conflict"
-    RELEASED = "released"
-
-
-@dataclass(slots=True)
-class Claim:
-    """A user this instance holds a lease on.
-
-    `user_id` is the id as the backend and the logs see it (a JSON number for integer
-    ids, text for every other type); `row_id` is the database's own value, for the write.
-    """
-
-    user_id: int | str
-    key: str
-    email: str
-    token: str
-    claimed_at: datetime | None = None
-    row_id: Any = None
-
-
-@dataclass(slots=True)
-class Result:
-    """What happened to one claim; `finished_at` is when the backend answered.
-
-    `run_id` is the run that made the call. A result the database did not take in time
-    is recorded by a later run, and must still be filed under its own.
-    """
-
-    claim: Claim
-    outcome: Outcome
-    finished_at: datetime
-    http_status: int | None = None
-    attempts: int = 0
-    error: str | None = None
-    duration_ms: int = 0
-    run_id: str = field(kw_only=True)
 
 
 @dataclass(slots=True)
@@ -118,15 +77,6 @@ class Cursor:
     @property
     def done(self) -> bool:
         return self.phase == "done"
-
-
-@dataclass(slots=True)
-class Finished:
-    """The outcome of recording a batch: which results lost their lease on the way, and
-    which users crossed into quarantine with it."""
-
-    lease_lost: list[Result] = field(default_factory=list)
-    quarantined: list[Result] = field(default_factory=list)
 
 
 class Store:

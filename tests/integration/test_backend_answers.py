@@ -21,7 +21,7 @@ from daemon import reference_backend
 from daemon import settings as settings_module
 from daemon.backend import BackendClient, CallOutcome, Gate, Ticket
 from daemon.settings import Settings
-from daemon.store import Claim, Outcome
+from daemon.values import Claim, Outcome
 from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
 from tests.integration.test_cycle import RecordingSleep, run_cycle, synced
 

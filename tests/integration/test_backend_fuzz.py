@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 from daemon import settings as settings_module
 from daemon.backend import BackendClient, CallOutcome
 from daemon.settings import Settings
-from daemon.store import Claim, Outcome
+from daemon.values import Claim, Outcome
 from tests.integration.test_cycle import RecordingSleep
 
 CAP = 64 * 1024  # SYNC_RESPONSE_MAX_BYTES for these tests: big bodies stay cheap

@@ -16,7 +16,8 @@ from sqlalchemy import String, select, text, type_coerce
 from daemon import control, dbclock
 from daemon.database import utcnow
 from daemon.models import instances, operations, runs, user_state
-from daemon.store import Cursor, Outcome, Result, Store
+from daemon.store import Cursor, Store
+from daemon.values import Outcome, Result
 from tests.conftest import AppDatabase
 
 LEASE = 40.0

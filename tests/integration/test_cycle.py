@@ -13,9 +13,10 @@ from sqlalchemy import select
 from structlog.testing import capture_logs
 
 from daemon.backend import BackendClient, Gate
-from daemon.cycle import Clock, Cycle, DbRunner, Report
+from daemon.cycle import Clock, Cycle, DbRunner
 from daemon.models import runs, user_state
 from daemon.resilience import BackendGate, State
+from daemon.values import Report
 from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
 
 

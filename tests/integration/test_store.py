@@ -12,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 
 from daemon.models import operations, user_state
-from daemon.store import Cursor, Outcome, Result, Store
+from daemon.store import Cursor, Store
+from daemon.values import Outcome, Result
 from tests.conftest import AppDatabase
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

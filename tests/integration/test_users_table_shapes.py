@@ -24,11 +24,12 @@ from sqlalchemy import Engine, text
 
 from daemon import schema
 from daemon.backend import BackendClient
-from daemon.cycle import Cycle, DbRunner, Report
+from daemon.cycle import Cycle, DbRunner
 from daemon.database import Database, make_engine, migrate
 from daemon.errors import ConfigError
 from daemon.settings import Settings
 from daemon.store import Store
+from daemon.values import Report
 from tests.conftest import SettingsFactory
 
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from daemon.cycle import Report
 from daemon.health import CycleStats, Facts, HealthState, assess
+from daemon.values import Report
 
 
 def report(outcome: str = "succeeded", error: str | None = None, **kw: object) -> Report:
