@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import random
 import signal
@@ -114,27 +115,20 @@ class App:
         self._cycle_wanted: str | None = None
         self._last_report: Report | None = None
         self._fatal: int | None = None
-        self._db_down_since: float | None = None
         self._sigint_count = 0
         self._rng = random.Random()
         self._gate = self._make_gate(settings)
         self._probe_timer: asyncio.TimerHandle | None = None
         self._carry: tuple[Any, ...] = ()
         self._started_at: datetime = self._clock.now()
-        self._started_mono = time.monotonic()
-        self._stats = health.CycleStats()
-        self._paused = False
-        self._switches = control.Control()  # the last control row read: who paused, when
-        self._ignore_pause = False
-        self._seen_force: datetime | None = None
+        self._health = health.Tracker()
+        self._switches = control.Switches(self._log)
         self._last_forced = -FORCE_COOLDOWN_SECONDS
-        self._control_seen = False
         self._prune_due = 0.0
         self._retired: list[aiohttp.ClientSession] = []
         self._watch = Progress()  # bounded waits outside cycles (the control poll)
         self._reload_task: asyncio.Task[None] | None = None
         self._state = "starting"
-        self._schema_problem: str | None = None
 
     # -- public entry points ---------------------------------------------------------
 
@@ -145,8 +139,7 @@ class App:
     async def run_once(self, *, ignore_pause: bool = False) -> int:
         """`once`: one cycle, then exit: 0 if every due user synced, 1 if any failed,
         3 (EX_PAUSED) if an operator's pause held it back, unless `ignore_pause`."""
-        self._ignore_pause = ignore_pause
-        return await self._run(self._one_cycle)
+        return await self._run(functools.partial(self._one_cycle, ignore_pause))
 
     async def _run(self, body: Callable[[], Awaitable[int]]) -> int:
         # Signals first: a SIGTERM or SIGHUP while waiting for the database must be heard.
@@ -178,19 +171,19 @@ class App:
         except (StoreError, ConfigError, TimeoutError) as exc:
             self._log.warning("instance_stop_not_recorded", error=str(exc) or "timed out")
 
-    async def _one_cycle(self) -> int:
-        if not self._ignore_pause:
+    async def _one_cycle(self, ignore_pause: bool) -> int:
+        if not ignore_pause:
             assert self._store is not None
             self._apply_control(await self._db_runner(control.read, self._store.db))
-            if self._paused:
+            if self._switches.paused:
                 self._log.warning("cycle_skipped", reason="once", detail="paused by an operator")
                 print(
-                    f"background-sync: {overview.pause_text(self._switches)}; nothing synced "
+                    f"background-sync: {overview.pause_text(self._switches.row)}; nothing synced "
                     "(use --ignore-pause to run anyway)",
                     file=sys.stderr,
                 )
                 return EX_PAUSED
-        watch = asyncio.create_task(self._watch_pause(), name="pause-watch")
+        watch = asyncio.create_task(self._watch_pause(ignore_pause), name="pause-watch")
         try:
             report = await self._start_cycle("once")
         finally:
@@ -198,7 +191,7 @@ class App:
             await asyncio.gather(watch, return_exceptions=True)
         if report.outcome == "paused":
             print(
-                f"background-sync: {overview.pause_text(self._switches)}; stopped after "
+                f"background-sync: {overview.pause_text(self._switches.row)}; stopped after "
                 f"{report.succeeded} synced, {report.failed} failed",
                 file=sys.stderr,
             )
@@ -211,10 +204,10 @@ class App:
             return EX_TEMPFAIL
         return EX_OK if report.outcome == "succeeded" else EX_FAILED
 
-    async def _watch_pause(self) -> None:
+    async def _watch_pause(self, ignore_pause: bool) -> None:
         """`once` heeds a pause that comes while it runs, as the daemon's control poll does."""
         assert self._store is not None
-        while not self._ignore_pause:
+        while not ignore_pause:
             await asyncio.sleep(CONTROL_POLL_SECONDS)
             with contextlib.suppress(StoreError):  # the cycle itself reports the database
                 self._apply_control(await self._db_runner(control.read, self._store.db))
@@ -426,7 +419,7 @@ class App:
 
     def _may_start(self, reason: str) -> bool:
         """Paused instances and an open circuit start no cycle (and say so)."""
-        if self._paused:
+        if self._switches.paused:
             self._log.info("cycle_skipped", reason=reason, detail="paused by an operator")
             return False
         wait = self._gate.probe_in()
@@ -467,28 +460,18 @@ class App:
                     status=self.status_line(),
                 )
         except StoreError as exc:
-            if self._db_down_since is None:
+            if self._health.database_down_since is None:
                 self._log.warning("control_unavailable", error=str(exc))
             self._note_database(False)
             return
         self._note_database(True)
         self._apply_control(switches)
 
-    def _apply_control(self, switches: control.Control) -> None:
-        self._switches = switches
-        self.metrics.paused.set(1 if switches.paused else 0)
-        if switches.paused != self._paused:
-            self._paused = switches.paused
-            self._log.warning(
-                "sync_paused" if switches.paused else "sync_resumed", by=switches.updated_by
-            )
-        forced = switches.force_requested_at
-        if forced is not None and (self._seen_force is None or forced > self._seen_force):
-            first_look = self._seen_force is None and not self._control_seen
-            self._seen_force = forced
-            if not first_look:
-                self._force(f"force by {switches.updated_by or 'an operator'}")
-        self._control_seen = True
+    def _apply_control(self, row: control.Control) -> None:
+        forced = self._switches.apply(row)
+        self.metrics.paused.set(1 if row.paused else 0)
+        if forced is not None:
+            self._force(forced)
 
     def _force(self, reason: str) -> None:
         """A forced cycle, debounced so that a burst of requests starts one cycle."""
@@ -524,7 +507,7 @@ class App:
             clock=self._clock,
             carry=self._carry,
             start_delay=self._rng.uniform(0, self.settings.jitter_seconds) if jittered else 0.0,
-            paused=lambda: self._paused,
+            paused=lambda: self._switches.paused,
         )
         self._carry = ()
         self._log.info("cycle_requested", reason=reason, run_id=cycle.run_id)
@@ -544,7 +527,7 @@ class App:
             self.metrics.in_cycle.set(0)
             self._state = "stopping" if self._stop.is_set() else "idle"
         self._last_report = report
-        self._stats.record(report, self._clock.now())
+        self._health.stats.record(report, self._clock.now())
         self._carry = report.unrecorded
         self.metrics.record(report, time.time())
         if report.schema_error is not None:
@@ -612,7 +595,7 @@ class App:
         The cycle has already drained and released its leases. Restarting would fail the
         same way, so the exit status is 78, which the unit does not restart.
         """
-        self._schema_problem = error
+        self._health.schema_problem = error
         self._log.error(
             "schema_error",
             error=error,
@@ -637,19 +620,11 @@ class App:
         with status 75, so systemd restarts it: degraded for a while, never a spin.
         """
         self.metrics.database_up.set(1 if ok else 0)
-        now = time.monotonic()
-        if ok:
-            if self._db_down_since is not None:
-                self._log.info("database_available", down_s=round(now - self._db_down_since, 1))
-            self._db_down_since = None
-            return
-        if self._db_down_since is None:
-            self._db_down_since = now
-            self._log.error("database_degraded", detail="retrying with backoff")
-        elif now - self._db_down_since > self.settings.database_outage_seconds:
+        limit = self.settings.database_outage_seconds
+        if self._health.database(ok, outage_limit_s=limit) and self._fatal is None:
             self._log.error(
                 "database_outage_limit",
-                limit_s=self.settings.database_outage_seconds,
+                limit_s=limit,
                 detail="exiting so that systemd restarts the daemon",
             )
             self._fatal = EX_TEMPFAIL
@@ -751,7 +726,7 @@ class App:
 
     def _public_state(self) -> str:
         """The state every view shows: a pause outranks idle and syncing."""
-        if self._paused and self._state in ("idle", "syncing"):
+        if self._switches.paused and self._state in ("idle", "syncing"):
             return "paused"
         return self._state
 
@@ -768,7 +743,7 @@ class App:
     def _activity(self) -> str:
         """What the daemon is doing: paused, starting, syncing n of m, idle until the next."""
         if self._public_state() == "paused":
-            paused = overview.pause_text(self._switches)
+            paused = overview.pause_text(self._switches.row)
             if self._cycle_task is not None and self._cycle is not None:
                 return f"{paused}, finishing {self._cycle.in_flight} call(s) in flight"
             return f"{paused}, next cycle on resume"
@@ -784,23 +759,14 @@ class App:
 
     def facts(self) -> health.Facts:
         """What the daemon's health is decided from, as it is now."""
-        now = time.monotonic()
-        stalled = self._watch.overdue()
-        if stalled is None and self._cycle_task and self._cycle:
-            stalled = self._cycle.progress.overdue()
-        down = self._db_down_since
-        if down is None and self._cycle_task and self._cycle and self._cycle.degraded:
-            down = now  # the running cycle's writes fail right now
-        return health.Facts(
+        cycle = self._cycle if self._cycle_task is not None else None
+        stalled = self._watch.overdue() or (cycle.progress.overdue() if cycle else None)
+        return self._health.facts(
             stopping=self._state == "stopping" or self._stop.is_set(),
-            configuration_problem=self._schema_problem,
-            credentials_rejected=self._stats.credentials_rejected,
-            database_down_s=None if down is None else now - down,
             circuit=self._gate.state.value,
             probe_in_s=self._gate.probe_in() or 0.0,
             stalled_on=stalled,
-            consecutive_failed_cycles=self._stats.consecutive_failures,
-            last_error=self._stats.last_error,
+            failing_now=bool(cycle and cycle.degraded),
         )
 
     def health(self) -> health.Health:
@@ -815,14 +781,14 @@ class App:
             "instance": self.instance,
             "state": self._public_state(),
             "status": self.status_line(),
-            "paused": self._paused,
-            "paused_by": self._switches.updated_by if self._paused else None,
-            "paused_at": self._switches.paused_at.isoformat()
-            if self._paused and self._switches.paused_at
+            "paused": self._switches.paused,
+            "paused_by": self._switches.row.updated_by if self._switches.paused else None,
+            "paused_at": self._switches.row.paused_at.isoformat()
+            if self._switches.paused and self._switches.row.paused_at
             else None,
             "health": verdict.state.value,
             "health_reasons": list(verdict.reasons),
-            "statistics": self._stats.snapshot(uptime_s=time.monotonic() - self._started_mono),
+            "statistics": self._health.statistics(),
             "cycle": None
             if progress is None or self._cycle is None
             else {

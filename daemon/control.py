@@ -44,6 +44,40 @@ class Control:
     updated_by: str | None = None
 
 
+class Switches:
+    """This instance's view of the operator switches, fed every control row it reads.
+
+    It keeps the last row (who paused, since when) and decides what changed: a pause or
+    resume is logged once, and a force newer than the last one seen is a request, except
+    at the first look, where it is history from before this process started.
+    """
+
+    def __init__(self, log: Any) -> None:
+        self.row = Control()
+        self._seen_force: datetime | None = None
+        self._looked = False
+        self._log = log
+
+    @property
+    def paused(self) -> bool:
+        return self.row.paused
+
+    def apply(self, row: Control) -> str | None:
+        """Take a freshly read row; return the reason of a new force request, if any."""
+        if row.paused != self.row.paused:
+            self._log.warning("sync_paused" if row.paused else "sync_resumed", by=row.updated_by)
+        forced = row.force_requested_at
+        reason = None
+        if forced is not None and (self._seen_force is None or forced > self._seen_force):
+            first_look = self._seen_force is None and not self._looked
+            self._seen_force = forced
+            if not first_look:
+                reason = f"force by {row.updated_by or 'an operator'}"
+        self._looked = True
+        self.row = row
+        return reason
+
+
 def read(db: Database) -> Control:
     return db.transaction(read_in, name="read_control")
 

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import enum
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from daemon.logs import get_logger
 from daemon.values import Report
 
 FAILED_CYCLES_DEGRADED = 3
@@ -158,3 +161,64 @@ class CycleStats:
             "last_error_at": self.last_error_at.isoformat() if self.last_error_at else None,
             "uptime_s": round(uptime_s, 1),
         }
+
+
+class Tracker:
+    """The facts the daemon learns over time, kept in one place: since when the database
+    has been unavailable, a schema refused, the cycle statistics, the start time.
+
+    Cycles and the control poll both report database health here, so the two never give
+    different accounts; the app asks `facts()` and adds what it knows right now.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stats = CycleStats()
+        self.schema_problem: str | None = None
+        self.database_down_since: float | None = None
+        self._clock = clock
+        self._started = clock()
+        self._log = get_logger(component="health")
+
+    def database(self, ok: bool, *, outage_limit_s: float) -> bool:
+        """Note one database unit of work; True once it has been away past the limit."""
+        now = self._clock()
+        if ok:
+            if self.database_down_since is not None:
+                down = round(now - self.database_down_since, 1)
+                self._log.info("database_available", down_s=down)
+            self.database_down_since = None
+            return False
+        if self.database_down_since is None:
+            self.database_down_since = now
+            self._log.error("database_degraded", detail="retrying with backoff")
+            return False
+        return now - self.database_down_since > outage_limit_s
+
+    def facts(
+        self,
+        *,
+        stopping: bool,
+        circuit: str,
+        probe_in_s: float,
+        stalled_on: str | None,
+        failing_now: bool,
+    ) -> Facts:
+        """The facts of the moment; `failing_now`: the running cycle's writes fail."""
+        now = self._clock()
+        down = self.database_down_since
+        if down is None and failing_now:
+            down = now
+        return Facts(
+            stopping=stopping,
+            configuration_problem=self.schema_problem,
+            credentials_rejected=self.stats.credentials_rejected,
+            database_down_s=None if down is None else now - down,
+            circuit=circuit,
+            probe_in_s=probe_in_s,
+            stalled_on=stalled_on,
+            consecutive_failed_cycles=self.stats.consecutive_failures,
+            last_error=self.stats.last_error,
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        return self.stats.snapshot(uptime_s=self._clock() - self._started)
