@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import random
 import signal
 import socket
 import sys
@@ -30,13 +29,13 @@ from aiohttp import web
 from daemon import control, dberrors, envfile, health, logs, overview, schema, statusweb
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
-from daemon.cycle import Clock, Cycle, DbRunner, dry_run
+from daemon.cycle import Clock, DbRunner
+from daemon.cycles import Cycles
 from daemon.database import SCHEMA_REVISION, Database, current_revision, engine_for, sqlite_file
 from daemon.errors import ConfigError, StoreError
 from daemon.metrics import Metrics
 from daemon.progress import Progress
 from daemon.resilience import BackendGate
-from daemon.scheduler import Scheduler
 from daemon.settings import Settings
 from daemon.store import Store
 from daemon.supervisor import Supervisor
@@ -60,10 +59,6 @@ CONTROL_POLL_SECONDS = control.POLL_SECONDS
 # A clean stop says so in the instance row; a database that does not answer in this
 # long is not waited for (the row then ages into "lost" in `status`).
 STOPPED_MARK_SECONDS = 3.0
-FORCE_COOLDOWN_SECONDS = 10.0
-# Runs and instances silent for this long are cleaned up as abandoned.
-ABANDONED_AFTER = timedelta(minutes=10)
-PRUNE_EVERY_SECONDS = 3600.0
 # Settings that name the database or sockets the process already holds.
 RESTART_ONLY = (
     "database_url",
@@ -109,26 +104,53 @@ class App:
         self._store: Store | None = None
         self._client: BackendClient | None = None
         self._http: aiohttp.ClientSession | None = None
-        self._scheduler: Scheduler | None = None
-        self._cycle: Cycle | None = None
-        self._cycle_task: asyncio.Task[Report] | None = None
-        self._cycle_wanted: str | None = None
-        self._last_report: Report | None = None
         self._fatal: int | None = None
         self._sigint_count = 0
-        self._rng = random.Random()
         self._gate = self._make_gate(settings)
-        self._probe_timer: asyncio.TimerHandle | None = None
-        self._carry: tuple[Any, ...] = ()
         self._started_at: datetime = self._clock.now()
         self._health = health.Tracker()
         self._switches = control.Switches(self._log)
-        self._last_forced = -FORCE_COOLDOWN_SECONDS
-        self._prune_due = 0.0
+        self._cycles = Cycles(self, self._log)
         self._retired: list[aiohttp.ClientSession] = []
         self._watch = Progress()  # bounded waits outside cycles (the control poll)
         self._reload_task: asyncio.Task[None] | None = None
         self._state = "starting"
+
+    # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None, "resources are not open"
+        return self._store
+
+    @property
+    def client(self) -> BackendClient:
+        assert self._client is not None, "resources are not open"
+        return self._client
+
+    @property
+    def db_runner(self) -> DbRunner:
+        return self._db_runner
+
+    @property
+    def stop_event(self) -> asyncio.Event:
+        return self._stop
+
+    @property
+    def wake(self) -> asyncio.Event:
+        return self._wake
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def gate(self) -> BackendGate:
+        return self._gate
+
+    @property
+    def switches(self) -> control.Switches:
+        return self._switches
 
     # -- public entry points ---------------------------------------------------------
 
@@ -184,8 +206,9 @@ class App:
                 )
                 return EX_PAUSED
         watch = asyncio.create_task(self._watch_pause(ignore_pause), name="pause-watch")
+        self._state = "idle"
         try:
-            report = await self._start_cycle("once")
+            report = await self._cycles.run_now("once")
         finally:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
@@ -223,12 +246,7 @@ class App:
 
     def request_cycle(self, reason: str) -> None:
         """Ask for a cycle now. One already running is never overlapped."""
-        if self._cycle_task is not None:
-            self._log.info("cycle_tick_skipped", reason=reason, detail="a cycle is running")
-            self.metrics.ticks_skipped.inc()
-            return
-        self._cycle_wanted = reason
-        self._wake.set()
+        self._cycles.request(reason)
 
     # -- resources -------------------------------------------------------------------
 
@@ -343,11 +361,11 @@ class App:
     # -- the main loop ---------------------------------------------------------------
 
     async def _serve(self) -> int:
-        self._scheduler = Scheduler(self.settings.interval_seconds, self._on_tick)
+        self._cycles.start_timer()
         await self._poll_control()  # a paused instance must not start even one cycle
         self._state = "idle"
-        if self._may_start("startup"):
-            self._launch_cycle("startup")
+        if self._cycles.may_start("startup"):
+            self._cycles.launch("startup")
         side_tasks = Supervisor(self._side_task_gave_up)
         if self._notifier.watchdog_interval is not None:
             side_tasks.start("watchdog", self._watchdog_loop)
@@ -364,13 +382,9 @@ class App:
             while not self._stop.is_set() and self._fatal is None:
                 if self._database_file_lost():
                     break
-                self._scheduler.poll()
-                if self._cycle_task is None and self._retired:
+                self._cycles.poll()
+                if self._cycles.running is None and self._retired:
                     await self._close_retired()
-                if self._cycle_wanted is not None and self._cycle_task is None:
-                    reason, self._cycle_wanted = self._cycle_wanted, None
-                    if self._may_start(reason):
-                        self._launch_cycle(reason)
                 self._notifier.status(self.status_line())
                 self.metrics.show_health(self.health().state.value)
                 self._wake.clear()
@@ -389,9 +403,7 @@ class App:
     async def _shut_down(self) -> int:
         self._state = "stopping"
         self._notifier.stopping(self.status_line())
-        if self._cycle_task is not None:
-            with contextlib.suppress(Exception):
-                await self._cycle_task
+        await self._cycles.wait()
         self._log.info("daemon_stopped", exit_status=self._fatal or EX_OK)
         return self._fatal or EX_OK
 
@@ -413,30 +425,6 @@ class App:
             print(f"background-sync: SYNC_DATABASE_URL: {problem}", file=sys.stderr)
             self.stop("database file lost")
         return True
-
-    def _on_tick(self) -> None:
-        self.request_cycle("schedule")
-
-    def _may_start(self, reason: str) -> bool:
-        """Paused instances and an open circuit start no cycle (and say so)."""
-        if self._switches.paused:
-            self._log.info("cycle_skipped", reason=reason, detail="paused by an operator")
-            return False
-        wait = self._gate.probe_in()
-        if wait:
-            self._log.info(
-                "cycle_skipped", reason=reason, detail="circuit open", probe_in_s=round(wait, 1)
-            )
-            self._schedule_probe(wait)
-            return False
-        return True
-
-    def _schedule_probe(self, delay: float) -> None:
-        """One probe cycle at the breaker's reset time (a later call moves it, never adds)."""
-        if self._probe_timer is not None:
-            self._probe_timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._probe_timer = loop.call_later(delay + 0.05, self.request_cycle, "circuit_probe")
 
     async def _control_loop(self) -> None:
         """Its own task, so a slow or absent database never holds up the main loop."""
@@ -471,123 +459,21 @@ class App:
         forced = self._switches.apply(row)
         self.metrics.paused.set(1 if row.paused else 0)
         if forced is not None:
-            self._force(forced)
+            self._cycles.force(forced)
 
-    def _force(self, reason: str) -> None:
-        """A forced cycle, debounced so that a burst of requests starts one cycle."""
-        now = time.monotonic()
-        if self._cycle_task is None and now - self._last_forced < FORCE_COOLDOWN_SECONDS:
-            self._log.info("force_debounced", reason=reason)
-            return
-        if self._cycle_task is None:
-            self._last_forced = now  # only a force that starts a cycle opens the cooldown
-        self.request_cycle(reason)
-
-    def _launch_cycle(self, reason: str) -> None:
-        self._state = "syncing"
-        self._cycle = self._new_cycle(reason)  # at once, so STATUS= never shows the last one
-        task = asyncio.create_task(self._run_cycle(), name="cycle")
-        self._cycle_task = task
-        task.add_done_callback(self._cycle_ended)
-
-    async def _start_cycle(self, reason: str) -> Report:
-        self._state = "syncing"
-        self._cycle = self._new_cycle(reason)
-        return await self._run_cycle()
-
-    def _new_cycle(self, reason: str) -> Cycle:
-        assert self._store is not None and self._client is not None
-        jittered = reason in ("startup", "schedule")
-        cycle = Cycle(
-            self.settings,
-            self._store,
-            self._client,
-            self._db_runner,
-            stop=self._stop,
-            clock=self._clock,
-            carry=self._carry,
-            start_delay=self._rng.uniform(0, self.settings.jitter_seconds) if jittered else 0.0,
-            paused=lambda: self._switches.paused,
-        )
-        self._carry = ()
-        self._log.info("cycle_requested", reason=reason, run_id=cycle.run_id)
-        return cycle
-
-    async def _run_cycle(self) -> Report:
-        assert self._cycle is not None
-        self.metrics.in_cycle.set(1)
-        try:
-            if self.settings.dry_run:
-                report = await self._dry_cycle()
-            else:
-                with self._cycle.progress.bounded(self.settings.lease_seconds, "housekeeping"):
-                    await self._housekeeping()
-                report = await self._cycle.run()
-        finally:
-            self.metrics.in_cycle.set(0)
-            self._state = "stopping" if self._stop.is_set() else "idle"
-        self._last_report = report
+    def after_cycle(self, report: Report) -> None:
+        """What a finished cycle means for the daemon: statistics, metrics, health."""
         self._health.stats.record(report, self._clock.now())
-        self._carry = report.unrecorded
         self.metrics.record(report, time.time())
         if report.schema_error is not None:
             self._schema_refused(report.schema_error)
-            return report
-        self._track_database(report)
-        probe_in = self._gate.probe_in()
-        if probe_in is not None and not self._stop.is_set():
-            self._schedule_probe(probe_in)
-        return report
-
-    async def _dry_cycle(self) -> Report:
-        """SYNC_DRY_RUN: log who would be synced; call nothing, write nothing."""
-        assert self._store is not None and self._cycle is not None
-        begin = time.monotonic()
-        due = await dry_run(self.settings, self._store, self._db_runner, self._clock)
-        return Report(
-            run_id=self._cycle.run_id,
-            outcome="succeeded",
-            claimed=due,
-            succeeded=0,
-            failed=0,
-            skipped=due,
-            duration_s=round(time.monotonic() - begin, 3),
-        )
-
-    async def _housekeeping(self) -> None:
-        """Before a cycle: record what crashed instances left, prune old history."""
-        assert self._store is not None
-        now = self._clock.now()
-        try:
-            cleaned = await self._db_runner(
-                control.cleanup, self._store.db, now=now, stale_after=ABANDONED_AFTER
-            )
-            if cleaned.leases or cleaned.runs or cleaned.instances:
-                self._log.warning(
-                    "abandoned_work_cleaned",
-                    leases=cleaned.leases,
-                    runs=cleaned.runs,
-                    instances=cleaned.instances,
-                )
-            if time.monotonic() >= self._prune_due:
-                self._prune_due = time.monotonic() + PRUNE_EVERY_SECONDS
-                keep = timedelta(days=self.settings.history_days)
-                pruned = await self._db_runner(self._store.prune_history, before=now - keep)
-                if pruned:
-                    self._log.info("history_pruned", operations=pruned)
-        except StoreError as exc:
-            self._log.warning("housekeeping_failed", error=str(exc))
-
-    def _cycle_ended(self, task: asyncio.Task[Report]) -> None:
-        self._cycle_task = None
-        self._wake.set()
-        if task.cancelled():
             return
-        exc = task.exception()
-        if exc is not None:
-            # A bug, not a backend or database fault: let systemd restart a clean process.
-            self._log.error("cycle_crashed", error=repr(exc), exc_info=exc)
-            self._fatal = EX_FAILED
+        self._track_database(report)
+
+    def cycle_crashed(self, error: BaseException) -> None:
+        """A bug, not a backend or database fault: let systemd restart a clean process."""
+        self._log.error("cycle_crashed", error=repr(error), exc_info=error)
+        self._fatal = EX_FAILED
 
     def _schema_refused(self, error: str) -> None:
         """The users table no longer fits the configuration: stop with EX_CONFIG.
@@ -606,12 +492,13 @@ class App:
         self._wake.set()
 
     def _track_database(self, report: Report) -> None:
-        ok = report.outcome != "crashed" and not (self._cycle and self._cycle.degraded)
+        cycle = self._cycles.running
+        ok = report.outcome != "crashed" and not (cycle and cycle.degraded)
         self._note_database(ok)
         if not ok and self._fatal is None and not self._stop.is_set():
             # Try again soon rather than a whole interval later; the outage bound ends this.
             retry_in = min(self.settings.interval_seconds, DATABASE_RETRY_SECONDS)
-            asyncio.get_running_loop().call_later(retry_in, self.request_cycle, "database_retry")
+            self._cycles.request_later(retry_in, "database_retry")
 
     def _note_database(self, ok: bool) -> None:
         """One account of database health, from cycles and the control poll alike.
@@ -639,8 +526,9 @@ class App:
         while True:
             await asyncio.sleep(interval)
             stalled = self._watch.overdue()
-            if stalled is None and self._cycle_task and self._cycle:
-                stalled = self._cycle.progress.overdue()
+            cycle = self._cycles.running
+            if stalled is None and cycle is not None:
+                stalled = cycle.progress.overdue()
             if stalled is not None:
                 if withheld != stalled:
                     self._log.error("watchdog_withheld", stalled_on=stalled)
@@ -658,7 +546,7 @@ class App:
             signal.SIGTERM: lambda: self.stop("SIGTERM"),
             signal.SIGINT: self._on_sigint,
             signal.SIGHUP: self._on_sighup,
-            signal.SIGUSR1: lambda: self._force("SIGUSR1"),
+            signal.SIGUSR1: lambda: self._cycles.force("SIGUSR1"),
         }
         for number, handler in handlers.items():
             loop.add_signal_handler(number, handler)
@@ -702,8 +590,8 @@ class App:
             fresh.log_format,
             secrets=[fresh.backend_token.reveal()] if fresh.backend_token else [],
         )
-        if self._scheduler is not None and fresh.interval_seconds != old.interval_seconds:
-            self._scheduler.reschedule(fresh.interval_seconds)
+        if fresh.interval_seconds != old.interval_seconds:
+            self._cycles.reschedule(fresh.interval_seconds)
         self._gate.configure(
             threshold=fresh.max_consecutive_failures,
             reset_seconds=fresh.circuit_reset_seconds,
@@ -725,10 +613,13 @@ class App:
     # -- what operators see ----------------------------------------------------------
 
     def _public_state(self) -> str:
-        """The state every view shows: a pause outranks idle and syncing."""
-        if self._switches.paused and self._state in ("idle", "syncing"):
+        """The state every view shows: syncing while a cycle runs; a pause outranks both."""
+        state = self._state
+        if state == "idle" and self._cycles.running is not None:
+            state = "syncing"
+        if self._switches.paused and state in ("idle", "syncing"):
             return "paused"
-        return self._state
+        return state
 
     def status_line(self) -> str:
         """STATUS=, the instances row and /status: the health first, unless healthy."""
@@ -742,24 +633,26 @@ class App:
 
     def _activity(self) -> str:
         """What the daemon is doing: paused, starting, syncing n of m, idle until the next."""
+        cycle = self._cycles.running
         if self._public_state() == "paused":
             paused = overview.pause_text(self._switches.row)
-            if self._cycle_task is not None and self._cycle is not None:
-                return f"{paused}, finishing {self._cycle.in_flight} call(s) in flight"
+            if cycle is not None:
+                return f"{paused}, finishing {cycle.in_flight} call(s) in flight"
             return f"{paused}, next cycle on resume"
-        if self._state == "syncing" and self._cycle is not None:
-            return self._cycle.progress.status_line()
         if self._state in ("stopping", "starting"):
             return self._state
-        next_in = round(self._scheduler.seconds_until_next()) if self._scheduler else 0
+        if cycle is not None:
+            return cycle.progress.status_line()
+        next_in = round(self._cycles.seconds_until_next() or 0)
         line = f"idle, next cycle in {next_in} s"
-        if self._last_report is not None and self._last_report.failed:
-            line += f", last cycle failed {self._last_report.failed}"
+        last = self._cycles.last_report
+        if last is not None and last.failed:
+            line += f", last cycle failed {last.failed}"
         return line
 
     def facts(self) -> health.Facts:
         """What the daemon's health is decided from, as it is now."""
-        cycle = self._cycle if self._cycle_task is not None else None
+        cycle = self._cycles.running
         stalled = self._watch.overdue() or (cycle.progress.overdue() if cycle else None)
         return self._health.facts(
             stopping=self._state == "stopping" or self._stop.is_set(),
@@ -776,7 +669,8 @@ class App:
     def snapshot(self) -> dict[str, Any]:
         verdict = self.health()
         self.metrics.show_health(verdict.state.value)
-        progress = self._cycle.progress if self._cycle_task and self._cycle else None
+        cycle = self._cycles.running
+        last = self._cycles.last_report
         return {
             "instance": self.instance,
             "state": self._public_state(),
@@ -790,17 +684,17 @@ class App:
             "health_reasons": list(verdict.reasons),
             "statistics": self._health.statistics(),
             "cycle": None
-            if progress is None or self._cycle is None
+            if cycle is None
             else {
-                "run_id": self._cycle.run_id,
-                "due": progress.total,
-                "claimed": progress.claimed,
-                "done": progress.done,
-                "succeeded": progress.succeeded,
-                "failed": progress.failed,
-                "skipped": progress.skipped,
+                "run_id": cycle.run_id,
+                "due": cycle.progress.total,
+                "claimed": cycle.progress.claimed,
+                "done": cycle.progress.done,
+                "succeeded": cycle.progress.succeeded,
+                "failed": cycle.progress.failed,
+                "skipped": cycle.progress.skipped,
             },
-            "last_cycle": dataclasses.asdict(self._last_report) if self._last_report else None,
-            "next_cycle_in_s": self._scheduler.seconds_until_next() if self._scheduler else None,
+            "last_cycle": dataclasses.asdict(last) if last else None,
+            "next_cycle_in_s": self._cycles.seconds_until_next(),
             "settings": self.settings.redacted(),
         }
