@@ -23,7 +23,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from daemon import control, dberrors, envfile, health, logs, overview, schema, statusweb
@@ -36,6 +35,7 @@ from daemon.errors import ConfigError, StoreError
 from daemon.metrics import Metrics
 from daemon.progress import Progress
 from daemon.resilience import BackendGate
+from daemon.sessions import BackendSessions
 from daemon.settings import Settings
 from daemon.store import Store
 from daemon.supervisor import Supervisor
@@ -102,8 +102,6 @@ class App:
         self._log = logs.get_logger(instance=self.instance)
         self._db_runner = DbRunner()
         self._store: Store | None = None
-        self._client: BackendClient | None = None
-        self._http: aiohttp.ClientSession | None = None
         self._fatal: int | None = None
         self._sigint_count = 0
         self._gate = self._make_gate(settings)
@@ -111,7 +109,7 @@ class App:
         self._health = health.Tracker()
         self._switches = control.Switches(self._log)
         self._cycles = Cycles(self, self._log)
-        self._retired: list[aiohttp.ClientSession] = []
+        self._backend = BackendSessions(self._gate)
         self._watch = Progress()  # bounded waits outside cycles (the control poll)
         self._reload_task: asyncio.Task[None] | None = None
         self._state = "starting"
@@ -125,8 +123,8 @@ class App:
 
     @property
     def client(self) -> BackendClient:
-        assert self._client is not None, "resources are not open"
-        return self._client
+        assert self._backend.client is not None, "resources are not open"
+        return self._backend.client
 
     @property
     def db_runner(self) -> DbRunner:
@@ -262,7 +260,7 @@ class App:
                 database, users, instance=self.instance, lease_seconds=self.settings.lease_seconds
             )
             await self._advise_index(self._store)
-            self._open_http()
+            self._backend.open(self.settings)
             if self.settings.status_address is not None:
                 status_runner, port = await statusweb.start(
                     self.settings.status_address, self.snapshot, self.metrics
@@ -274,9 +272,7 @@ class App:
         finally:
             if status_runner is not None:
                 await status_runner.cleanup()
-            if self._http is not None:
-                await self._http.close()
-            await self._close_retired()
+            await self._backend.close()
             await asyncio.to_thread(self._db_runner.close)
             database.dispose()
 
@@ -300,16 +296,6 @@ class App:
                 detail="each due page reads and sorts the whole users table",
                 run=statement,
             )
-
-    async def _close_retired(self) -> None:
-        """Close sessions replaced by a reload, once no cycle can be using them."""
-        retired, self._retired = self._retired, []
-        for session in retired:
-            await session.close()
-
-    def _open_http(self) -> None:
-        self._http = BackendClient.open_session(self.settings)
-        self._client = BackendClient(self.settings, self._http, gate=self._gate)
 
     @staticmethod
     def _make_gate(settings: Settings) -> BackendGate:
@@ -383,8 +369,8 @@ class App:
                 if self._database_file_lost():
                     break
                 self._cycles.poll()
-                if self._cycles.running is None and self._retired:
-                    await self._close_retired()
+                if self._cycles.running is None and self._backend.has_retired:
+                    await self._backend.close_retired()
                 self._notifier.status(self.status_line())
                 self.metrics.show_health(self.health().state.value)
                 self._wake.clear()
@@ -597,10 +583,9 @@ class App:
             reset_seconds=fresh.circuit_reset_seconds,
             max_per_second=fresh.max_requests_per_second,
         )
-        if self._http is not None:
+        if self._backend.client is not None:
             # A running cycle keeps the old client; the session closes after it ends.
-            self._retired.append(self._http)
-            self._open_http()
+            self._backend.open(fresh)
         changed = sorted(
             f.name
             for f in dataclasses.fields(Settings)
