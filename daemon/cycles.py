@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -64,10 +65,18 @@ class CycleHost(Protocol):
 class Cycles:
     """Starts cycles on request, one at a time; keeps the running one and the last report."""
 
-    def __init__(self, host: CycleHost, log: Any, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        host: CycleHost,
+        log: Any,
+        *,
+        rng: random.Random | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._host = host
         self._log = log
         self._rng = rng or random.Random()
+        self._monotonic = monotonic
         self.scheduler: Scheduler | None = None
         self.current: Cycle | None = None
         self.task: asyncio.Task[Report] | None = None
@@ -111,7 +120,7 @@ class Cycles:
 
     def force(self, reason: str) -> None:
         """A forced cycle, debounced so that a burst of requests starts one cycle."""
-        now = time.monotonic()
+        now = self._monotonic()
         if self.task is None and now - self._last_forced < FORCE_COOLDOWN_SECONDS:
             self._log.info("force_debounced", reason=reason)
             return
@@ -121,12 +130,22 @@ class Cycles:
 
     def poll(self) -> None:
         """From the main loop: fire the timer if due, start what was asked for."""
+        reason = self.next_start()
+        if reason is not None:
+            self.launch(reason)
+
+    def next_start(self) -> str | None:
+        """The reason a cycle should start now, or None: the decision, apart from running.
+
+        A request waits while a cycle runs; a pause or an open circuit refuses it (and a
+        refused probe is scheduled again for when the circuit may close).
+        """
         if self.scheduler is not None:
             self.scheduler.poll()
-        if self._wanted is not None and self.task is None:
-            reason, self._wanted = self._wanted, None
-            if self.may_start(reason):
-                self.launch(reason)
+        if self._wanted is None or self.task is not None:
+            return None
+        reason, self._wanted = self._wanted, None
+        return reason if self.may_start(reason) else None
 
     def _on_tick(self) -> None:
         self.request("schedule")
