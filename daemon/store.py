@@ -275,7 +275,7 @@ class Store:
                     stale_before=stale_before,
                     orphans=orphans,
                 )
-                return self._lease(session, rows, run_id=run_id, now=now)
+                return self._lease(session, rows, run_id=run_id, now=now, stale_before=stale_before)
             except BaseException:
                 # A retried transaction must scan the same page again.
                 cursor.phase, cursor.last_id, cursor.last_sync = saved
@@ -284,7 +284,13 @@ class Store:
         return self.db.transaction(unit, name="claim")
 
     def _lease(
-        self, session: Session, rows: Sequence[Any], *, run_id: str, now: datetime
+        self,
+        session: Session,
+        rows: Sequence[Any],
+        *,
+        run_id: str,
+        now: datetime,
+        stale_before: datetime,
     ) -> list[Claim]:
         if not rows:
             return []
@@ -315,7 +321,47 @@ class Store:
             )
             if token == tokens[key]
         }
+        won -= self._synced_meanwhile(session, rows, won, tokens, stale_before)
         return [self._claim_of(r, tokens[r[2]], now) for r in rows if r[2] in won]
+
+    def _synced_meanwhile(
+        self,
+        session: Session,
+        rows: Sequence[Any],
+        won: set[str],
+        tokens: dict[str, str],
+        stale_before: datetime,
+    ) -> set[str]:
+        """Leases just won on users that are no longer due: given back at once.
+
+        The page was read before the leases were taken. In between, another instance
+        may have synced a user and released it, and its lease is free again: without
+        this second look (a new statement, so it sees that commit; by the primary key,
+        so it is cheap) the user would be called twice.
+        """
+        ids = {r[2]: r[0] for r in rows if r[2] in won}
+        if not ids:
+            return set()
+        due = set(
+            session.scalars(
+                select(self._key).where(
+                    self._id.in_(list(ids.values())),
+                    or_(
+                        self._last_sync.is_(None),
+                        self._last_sync < self._app_time(stale_before),
+                    ),
+                )
+            )
+        )
+        gone = set(ids) - due
+        if gone:
+            s = user_state.c
+            session.execute(
+                update(user_state)
+                .where(s.user_key.in_(list(gone)), s.lease_token.in_([tokens[k] for k in gone]))
+                .values(lease_owner=None, lease_token=None, lease_expires_at=None)
+            )
+        return gone
 
     def _claim_of(self, row: Any, token: str, claimed_at: datetime | None = None) -> Claim:
         row_id, email, key = row[0], row[1], row[2]

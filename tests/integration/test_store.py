@@ -242,3 +242,29 @@ def test_runs_are_recorded_and_old_history_is_pruned(app_db: AppDatabase) -> Non
         from daemon.models import runs
 
         assert conn.execute(select(runs.c.id)).scalars().all() == []
+
+
+def test_a_user_synced_between_another_instances_scan_and_its_lease_is_not_claimed_again(
+    app_db: AppDatabase,
+) -> None:
+    """The interleaving two instances produce: B reads the page, A syncs and releases the
+    user, then B takes the (free again) lease. B must not get the user: it is not due."""
+    app_db.seed(3)
+    a, b = app_db.store(instance="a"), app_db.store(instance="b")
+    scanned = b.db.transaction(
+        lambda s: b._due_rows(s, Cursor(), 10, run_id="run-b", stale_before=STALE), name="scan"
+    )
+    assert [row[0] for row in scanned] == [1, 2, 3]
+    first = a.claim(Cursor(), 1, run_id="run-a", now=NOW, stale_before=STALE)
+    assert [c.user_id for c in first] == [1]
+    assert succeed(a, first, at=datetime.now(UTC)) == []
+    won = b.db.transaction(
+        lambda s: b._lease(s, scanned, run_id="run-b", now=NOW, stale_before=STALE),
+        name="lease",
+    )
+    assert sorted(c.user_id for c in won) == [2, 3]
+    with app_db.db.engine.connect() as conn:
+        state = conn.execute(
+            select(user_state.c.lease_owner).where(user_state.c.user_key == "1")
+        ).scalar_one()
+    assert state is None  # given back at once, not held until it expires

@@ -199,10 +199,11 @@ async def test_unix_epoch_last_sync_stays_unix_epoch_and_recent_users_are_not_ca
     sqlite_engine: Engine, sqlite_settings: Any, capture: Capture
 ) -> None:
     """A column of unix seconds keeps unix seconds; a user synced 10 min ago is left alone."""
+    recent = epoch(timedelta(minutes=10))
     execute(
         sqlite_engine,
         "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, last_sync INTEGER)",
-        f"INSERT INTO users VALUES (1, 'a@x', {epoch(timedelta(minutes=10))}), "
+        f"INSERT INTO users VALUES (1, 'a@x', {recent}), "
         f"(2, 'b@x', {epoch(timedelta(hours=2))}), (3, 'c@x', NULL)",
     )
     report = await run_cycle(sqlite_settings(SYNC_BACKEND_URL=capture.url), sqlite_engine)
@@ -211,7 +212,7 @@ async def test_unix_epoch_last_sync_stays_unix_epoch_and_recent_users_are_not_ca
     stored = sqlite_rows(sqlite_engine, "SELECT id, typeof(last_sync), last_sync FROM users")
     assert [kind for _, kind, _ in stored] == ["integer"] * 3
     assert all(abs(value - now().timestamp()) < 3600 for _, _, value in stored)
-    assert stored[0][2] == epoch(timedelta(minutes=10))  # untouched
+    assert stored[0][2] == recent  # untouched
 
 
 async def test_unix_milliseconds_stay_milliseconds(
