@@ -13,12 +13,11 @@ import contextlib
 import dataclasses
 import functools
 import os
-import signal
 import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from daemon.progress import Progress
 from daemon.resilience import BackendGate
 from daemon.sessions import BackendSessions
 from daemon.settings import Settings
+from daemon.signals import Signals
 from daemon.store import Store
 from daemon.supervisor import Supervisor
 from daemon.systemd import Notifier
@@ -50,7 +50,6 @@ EX_SOFTWARE = 70
 EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
-EX_FORCED = 130
 
 STARTUP_DATABASE_WAIT_SECONDS = 60.0
 DATABASE_RETRY_SECONDS = 30.0
@@ -93,25 +92,21 @@ class App:
         self.settings = settings
         self.instance = instance_name()
         self.metrics = Metrics()
-        self._environ = dict(os.environ if environ is None else environ)
-        self._env_file = env_file
+        self._source = envfile.Source(dict(os.environ if environ is None else environ), env_file)
         self._clock = clock or Clock()
-        self._notifier = Notifier(self._environ)
+        self._notifier = Notifier(self._source.environ)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._log = logs.get_logger(instance=self.instance)
         self._db_runner = DbRunner()
         self._store: Store | None = None
         self._fatal: int | None = None
-        self._sigint_count = 0
-        self._gate = self._make_gate(settings)
         self._started_at: datetime = self._clock.now()
         self._health = health.Tracker()
         self._switches = control.Switches(self._log)
         self._cycles = Cycles(self, self._log)
-        self._backend = BackendSessions(self._gate)
+        self._backend = BackendSessions(self._make_gate(settings))
         self._watch = Progress()  # bounded waits outside cycles (the control poll)
-        self._reload_task: asyncio.Task[None] | None = None
         self._state = "starting"
 
     # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
@@ -144,7 +139,7 @@ class App:
 
     @property
     def gate(self) -> BackendGate:
-        return self._gate
+        return self._backend.gate
 
     @property
     def switches(self) -> control.Switches:
@@ -163,7 +158,10 @@ class App:
 
     async def _run(self, body: Callable[[], Awaitable[int]]) -> int:
         # Signals first: a SIGTERM or SIGHUP while waiting for the database must be heard.
-        with self._signals():
+        signals = Signals(
+            stop=self.stop, reload=self.reload, force=self._cycles.force, log=self._log
+        )
+        with signals:
             try:
                 async with self._resources():
                     exit_status = await body()
@@ -430,7 +428,7 @@ class App:
                     started_at=self._started_at,
                     now=self._clock.now(),
                     state=self._public_state(),
-                    circuit=self._gate.state.value,
+                    circuit=self.gate.state.value,
                     status=self.status_line(),
                 )
         except StoreError as exc:
@@ -525,42 +523,11 @@ class App:
 
     # -- signals and reload ----------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _signals(self) -> Iterator[None]:
-        loop = asyncio.get_running_loop()
-        handlers: dict[int, Callable[[], None]] = {
-            signal.SIGTERM: lambda: self.stop("SIGTERM"),
-            signal.SIGINT: self._on_sigint,
-            signal.SIGHUP: self._on_sighup,
-            signal.SIGUSR1: lambda: self._cycles.force("SIGUSR1"),
-        }
-        for number, handler in handlers.items():
-            loop.add_signal_handler(number, handler)
-        try:
-            yield
-        finally:
-            for number in handlers:
-                loop.remove_signal_handler(number)
-
-    def _on_sighup(self) -> None:
-        if self._reload_task is None or self._reload_task.done():
-            self._reload_task = asyncio.create_task(self.reload(), name="reload")
-
-    def _on_sigint(self) -> None:
-        self._sigint_count += 1
-        if self._sigint_count == 1:
-            self.stop("SIGINT")
-            return
-        # A second Ctrl-C means now: leases expire on their own, nothing is lost.
-        self._log.warning("forced_exit", reason="second SIGINT")
-        sys.stdout.flush()
-        os._exit(EX_FORCED)
-
     async def reload(self) -> None:
         """SIGHUP: re-read the environment and env file; a bad file changes nothing."""
         self._notifier.reloading()
         try:
-            fresh = settings_module.load(envfile.overlay(self._environ, self._env_file))
+            fresh = settings_module.load(self._source.read())
         except ConfigError as exc:
             self._log.error("reload_rejected", error=str(exc))
             self._notifier.reloaded()
@@ -578,7 +545,7 @@ class App:
         )
         if fresh.interval_seconds != old.interval_seconds:
             self._cycles.reschedule(fresh.interval_seconds)
-        self._gate.configure(
+        self.gate.configure(
             threshold=fresh.max_consecutive_failures,
             reset_seconds=fresh.circuit_reset_seconds,
             max_per_second=fresh.max_requests_per_second,
@@ -641,8 +608,8 @@ class App:
         stalled = self._watch.overdue() or (cycle.progress.overdue() if cycle else None)
         return self._health.facts(
             stopping=self._state == "stopping" or self._stop.is_set(),
-            circuit=self._gate.state.value,
-            probe_in_s=self._gate.probe_in() or 0.0,
+            circuit=self.gate.state.value,
+            probe_in_s=self.gate.probe_in() or 0.0,
             stalled_on=stalled,
             failing_now=bool(cycle and cycle.degraded),
         )

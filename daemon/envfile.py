@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.errors import ConfigError
@@ -51,3 +52,18 @@ def overlay(base: Mapping[str, str], path: Path | None) -> dict[str, str]:
         raise ConfigError(f"--env-file: cannot read {path}: {exc.strerror}") from None
     merged.update(parse(text, source=str(path)))
     return merged
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the settings come from: the environment, with `--env-file` layered over it.
+
+    Kept as it was at start, so that SIGHUP re-reads the same file over the same
+    environment.
+    """
+
+    environ: Mapping[str, str]
+    env_file: Path | None = None
+
+    def read(self) -> dict[str, str]:
+        return overlay(self.environ, self.env_file)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import aiohttp
 
-from daemon.backend import BackendClient, Gate
+from daemon.backend import BackendClient
+from daemon.resilience import BackendGate
 from daemon.settings import Settings
 
 
 class BackendSessions:
-    """The current client, and the sessions retired by reloads but not closed yet."""
+    """The gate every call passes, the current client, and the sessions retired by reloads
+    but not closed yet."""
 
-    def __init__(self, gate: Gate) -> None:
-        self._gate = gate
+    def __init__(self, gate: BackendGate) -> None:
+        self.gate = gate
         self._session: aiohttp.ClientSession | None = None
         self.client: BackendClient | None = None
         self._retired: list[aiohttp.ClientSession] = []
@@ -27,7 +29,7 @@ class BackendSessions:
         if self._session is not None:
             self._retired.append(self._session)
         self._session = BackendClient.open_session(settings)
-        self.client = BackendClient(settings, self._session, gate=self._gate)
+        self.client = BackendClient(settings, self._session, gate=self.gate)
         return self.client
 
     @property
