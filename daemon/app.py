@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from daemon.cycles import Cycles
 from daemon.database import SCHEMA_REVISION, Database, current_revision, engine_for, sqlite_file
 from daemon.errors import ConfigError, StoreError
 from daemon.metrics import Metrics
-from daemon.progress import Progress
 from daemon.resilience import BackendGate
 from daemon.sessions import BackendSessions
 from daemon.settings import Settings
@@ -101,12 +100,10 @@ class App:
         self._db_runner = DbRunner()
         self._store: Store | None = None
         self._fatal: int | None = None
-        self._started_at: datetime = self._clock.now()
         self._health = health.Tracker()
-        self._switches = control.Switches(self._log)
+        self._control = control.Poll(self._log, started_at=self._clock.now())
         self._cycles = Cycles(self, self._log)
         self._backend = BackendSessions(self._make_gate(settings))
-        self._watch = Progress()  # bounded waits outside cycles (the control poll)
         self._state = "starting"
 
     # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
@@ -143,7 +140,7 @@ class App:
 
     @property
     def switches(self) -> control.Switches:
-        return self._switches
+        return self._control.switches
 
     # -- public entry points ---------------------------------------------------------
 
@@ -193,10 +190,10 @@ class App:
         if not ignore_pause:
             assert self._store is not None
             self._apply_control(await self._db_runner(control.read, self._store.db))
-            if self._switches.paused:
+            if self.switches.paused:
                 self._log.warning("cycle_skipped", reason="once", detail="paused by an operator")
                 print(
-                    f"background-sync: {overview.pause_text(self._switches.row)}; nothing synced "
+                    f"background-sync: {overview.pause_text(self.switches.row)}; nothing synced "
                     "(use --ignore-pause to run anyway)",
                     file=sys.stderr,
                 )
@@ -210,7 +207,7 @@ class App:
             await asyncio.gather(watch, return_exceptions=True)
         if report.outcome == "paused":
             print(
-                f"background-sync: {overview.pause_text(self._switches.row)}; stopped after "
+                f"background-sync: {overview.pause_text(self.switches.row)}; stopped after "
                 f"{report.succeeded} synced, {report.failed} failed",
                 file=sys.stderr,
             )
@@ -418,19 +415,17 @@ class App:
 
     async def _poll_control(self) -> None:
         """Publish this instance's state; read pause and force."""
-        assert self._store is not None
         try:
-            with self._watch.bounded(self.settings.lease_seconds, "database control poll"):
-                switches = await self._db_runner(
-                    control.report_instance,
-                    self._store.db,
-                    instance=self.instance,
-                    started_at=self._started_at,
-                    now=self._clock.now(),
-                    state=self._public_state(),
-                    circuit=self.gate.state.value,
-                    status=self.status_line(),
-                )
+            switches = await self._control.report(
+                self._db_runner,
+                self.store.db,
+                instance=self.instance,
+                now=self._clock.now(),
+                state=self._public_state(),
+                circuit=self.gate.state.value,
+                status=self.status_line(),
+                bound_s=self.settings.lease_seconds,
+            )
         except StoreError as exc:
             if self._health.database_down_since is None:
                 self._log.warning("control_unavailable", error=str(exc))
@@ -440,7 +435,7 @@ class App:
         self._apply_control(switches)
 
     def _apply_control(self, row: control.Control) -> None:
-        forced = self._switches.apply(row)
+        forced = self.switches.apply(row)
         self.metrics.paused.set(1 if row.paused else 0)
         if forced is not None:
             self._cycles.force(forced)
@@ -509,7 +504,7 @@ class App:
         withheld: str | None = None
         while True:
             await asyncio.sleep(interval)
-            stalled = self._watch.overdue()
+            stalled = self._control.watch.overdue()
             cycle = self._cycles.running
             if stalled is None and cycle is not None:
                 stalled = cycle.progress.overdue()
@@ -569,7 +564,7 @@ class App:
         state = self._state
         if state == "idle" and self._cycles.running is not None:
             state = "syncing"
-        if self._switches.paused and state in ("idle", "syncing"):
+        if self.switches.paused and state in ("idle", "syncing"):
             return "paused"
         return state
 
@@ -587,7 +582,7 @@ class App:
         """What the daemon is doing: paused, starting, syncing n of m, idle until the next."""
         cycle = self._cycles.running
         if self._public_state() == "paused":
-            paused = overview.pause_text(self._switches.row)
+            paused = overview.pause_text(self.switches.row)
             if cycle is not None:
                 return f"{paused}, finishing {cycle.in_flight} call(s) in flight"
             return f"{paused}, next cycle on resume"
@@ -605,7 +600,7 @@ class App:
     def facts(self) -> health.Facts:
         """What the daemon's health is decided from, as it is now."""
         cycle = self._cycles.running
-        stalled = self._watch.overdue() or (cycle.progress.overdue() if cycle else None)
+        stalled = self._control.watch.overdue() or (cycle.progress.overdue() if cycle else None)
         return self._health.facts(
             stopping=self._state == "stopping" or self._stop.is_set(),
             circuit=self.gate.state.value,
@@ -627,10 +622,10 @@ class App:
             "instance": self.instance,
             "state": self._public_state(),
             "status": self.status_line(),
-            "paused": self._switches.paused,
-            "paused_by": self._switches.row.updated_by if self._switches.paused else None,
-            "paused_at": self._switches.row.paused_at.isoformat()
-            if self._switches.paused and self._switches.row.paused_at
+            "paused": self.switches.paused,
+            "paused_by": self.switches.row.updated_by if self.switches.paused else None,
+            "paused_at": self.switches.row.paused_at.isoformat()
+            if self.switches.paused and self.switches.row.paused_at
             else None,
             "health": verdict.state.value,
             "health_reasons": list(verdict.reasons),

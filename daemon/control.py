@@ -16,6 +16,7 @@ daemon that died (kill -9, a host gone): `status` calls it lost.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session
 from daemon import __version__, dbclock
 from daemon.database import Database, aware
 from daemon.models import control, instances, operations, runs, user_state
+from daemon.progress import Progress
 
 # How often a running instance refreshes its row and reads the switches.
 POLL_SECONDS = 2.0
@@ -265,3 +267,42 @@ def _holds_live_lease(
     """Whether `owner` (a column naming an instance) holds a lease that has not expired."""
     s = user_state.c
     return exists().where(s.lease_owner == owner, s.lease_expires_at >= db_now)
+
+
+class Poll:
+    """The control poll's own state: the switches as last read, when this instance
+    started (its row says so), and the bounded wait the watchdog checks.
+
+    The app runs `report` every CONTROL_POLL_SECONDS in a supervised side task: it
+    publishes the instance's row and reads the switches in one short transaction.
+    """
+
+    def __init__(self, log: Any, *, started_at: datetime) -> None:
+        self.switches = Switches(log)
+        self.watch = Progress()  # a database wait the watchdog can see overrun
+        self.started_at = started_at
+
+    async def report(
+        self,
+        run: Callable[..., Awaitable[Control]],
+        db: Database,
+        *,
+        instance: str,
+        now: datetime,
+        state: str,
+        circuit: str,
+        status: str,
+        bound_s: float,
+    ) -> Control:
+        """Publish this instance's row and read the control row (StoreError if it fails)."""
+        with self.watch.bounded(bound_s, "database control poll"):
+            return await run(
+                report_instance,
+                db,
+                instance=instance,
+                started_at=self.started_at,
+                now=now,
+                state=state,
+                circuit=circuit,
+                status=status,
+            )
