@@ -18,21 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from daemon import backoff
 from daemon.backend import BackendClient
 from daemon.backlog import DONE, Backlog
 from daemon.errors import SchemaError, StoreError
 from daemon.logs import get_logger
 from daemon.progress import Progress
+from daemon.recorder import Recorder
 from daemon.settings import Settings
 from daemon.store import Cursor, Store, new_run_id
 from daemon.values import Claim, Outcome, Report, Result
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-USER_BACKOFF_CAP_SECONDS = 6 * 3600.0
-FLUSH_INTERVAL_SECONDS = 0.2
 
 
 class DbRunner:
@@ -85,9 +82,7 @@ class Cycle:
         self._db = db
         self._stop = stop
         self._clock = clock or Clock()
-        self._rng = rng or random.Random()
         self._queue = Backlog(room=settings.claim_batch_size)
-        self._pending: list[Result] = list(carry)
         self._start_delay = start_delay
         self._paused = paused
         self._paused_seen = False
@@ -95,18 +90,28 @@ class Cycle:
         self._halt: str | None = None
         self._circuit_open = False
         self._auth_logged = False
-        self._flush_now = asyncio.Event()
-        self._flush_size = max(1, min(settings.claim_batch_size, 4 * settings.concurrency))
         self._log = get_logger(run_id=self.run_id)
-        self.degraded = False
+        self._results = Recorder(
+            settings,
+            store,
+            self._bounded_db,
+            now=self._clock.now,
+            log=self._log,
+            carry=carry,
+            rng=rng,
+        )
         self._claim_error: StoreError | None = None
-        self._recording = True
         self._busy = 0
         self._claiming_done = False
         self._idle = asyncio.Event()
         self._takeover_seconds = max(0.5, settings.lease_seconds / 4)
         self._recorder: asyncio.Task[None] | None = None
         self.schema_error: str | None = None
+
+    @property
+    def degraded(self) -> bool:
+        """The database does not take this cycle's writes right now."""
+        return self._results.degraded
 
     async def run(self) -> Report:
         if self._start_delay > 0:
@@ -135,7 +140,7 @@ class Cycle:
             self._log.error("cycle_schema_error", error=error)
         except StoreError as exc:
             error = str(exc)
-            self._degrade(exc)
+            self._results.degrade(exc)
             self._log.error("cycle_database_error", error=error)
         except Exception as exc:
             # A bug. The run row still gets its outcome (never left "running"), then the
@@ -156,7 +161,7 @@ class Cycle:
         ]
         claimer = asyncio.create_task(self._claim_loop(stale_before), name="claimer")
         takeover = asyncio.create_task(self._takeover_loop(stale_before), name="takeover")
-        recorder = asyncio.create_task(self._record_loop(), name="recorder")
+        recorder = asyncio.create_task(self._results.loop(), name="recorder")
         self._recorder = recorder
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="lease-heartbeat")
         stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
@@ -184,8 +189,7 @@ class Cycle:
             await asyncio.gather(heartbeat, takeover, return_exceptions=True)
             # Never cancel the recorder: a batch write it started commits in the database
             # thread regardless, and must be accounted for exactly once.
-            self._recording = False
-            self._flush_now.set()
+            self._results.close()
 
     async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
         """Stop requested: give in-flight calls the grace period, then cut them."""
@@ -247,7 +251,7 @@ class Cycle:
             try:
                 taken = await self._claim(Cursor(), stale_before, orphans=True)
             except StoreError as exc:
-                self._degrade(exc)
+                self._results.degrade(exc)
                 continue
             if taken:
                 self._log.warning("orphaned_leases_taken_over", count=taken)
@@ -291,7 +295,7 @@ class Cycle:
                 claim, run_id=self.run_id, progress=self.progress
             )
         except asyncio.CancelledError:
-            self._pending.append(
+            self._results.add(
                 Result(
                     claim,
                     Outcome.RELEASED,
@@ -322,9 +326,7 @@ class Cycle:
         )
         self._count(result)
         self._log_result(result, outcome.counts, outcome.auth_problem)
-        self._pending.append(result)
-        if len(self._pending) >= self._flush_size:
-            self._flush_now.set()
+        self._results.add(result)
 
     @property
     def in_flight(self) -> int:
@@ -354,9 +356,7 @@ class Cycle:
             run_id=self.run_id,
         )
         self._count(result)
-        self._pending.append(result)
-        if len(self._pending) >= self._flush_size:
-            self._flush_now.set()
+        self._results.add(result)
 
     def _halt_cycle(self, reason: str) -> None:
         """Stop calling for the rest of this cycle; in-flight calls still finish."""
@@ -392,72 +392,6 @@ class Cycle:
         else:
             self._log.warning("user_sync_failed", **fields, error=result.error)
 
-    async def _record_loop(self) -> None:
-        """Write results in batches until the cycle's work is over."""
-        failures = 0
-        while self._recording:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_now.wait(), FLUSH_INTERVAL_SECONDS)
-            self._flush_now.clear()
-            if not self._recording:
-                return  # what is left is written by _wind_down
-            try:
-                await self._flush()
-                failures = 0
-            except StoreError as exc:
-                failures += 1
-                self._degrade(exc)
-                await asyncio.sleep(backoff.ceiling(0.5, failures, 10.0))
-
-    async def _flush(self) -> None:
-        """Write every pending result; on failure they stay pending for the next try."""
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        try:
-            finished = await self._bounded_db(
-                "finish",
-                self._store.finish,
-                batch,
-                now=self._clock.now(),
-                backoff=self._user_backoff,
-                quarantine_after=self.settings.quarantine_after,
-            )
-        except BaseException:
-            self._pending[:0] = batch
-            raise
-        if self.degraded:
-            self.degraded = False
-            self._log.info("database_recovered")
-        for gone in finished.quarantined:
-            self._log.warning(
-                "user_quarantined",
-                user_id=gone.claim.user_id,
-                consecutive_failures=self.settings.quarantine_after,
-                probe_every_s=self.settings.quarantine_probe_seconds,
-            )
-        for lost in finished.lease_lost:
-            self._log.warning(
-                "user_sync_lease_lost",
-                user_id=lost.claim.user_id,
-                outcome=lost.outcome.value,
-                detail="lease taken over by another instance; nothing written",
-            )
-
-    def _user_backoff(self, failures: int) -> float:
-        """Seconds until a failing user is due again; quarantined users are only probed."""
-        s = self.settings
-        if failures >= s.quarantine_after:
-            return s.quarantine_probe_seconds * self._rng.uniform(0.9, 1.1)
-        return backoff.user_backoff(
-            failures, s.retry_delay_seconds * 12, USER_BACKOFF_CAP_SECONDS, self._rng
-        )
-
-    def _degrade(self, exc: StoreError) -> None:
-        if not self.degraded:
-            self.degraded = True
-            self._log.error("database_unavailable", error=str(exc), pending=len(self._pending))
-
     async def _heartbeat_loop(self) -> None:
         interval = max(0.5, self.settings.lease_seconds / 3)
         while True:
@@ -467,29 +401,20 @@ class Cycle:
                     "heartbeat", self._store.heartbeat, self.run_id, now=self._clock.now()
                 )
             except StoreError as exc:
-                self._degrade(exc)
+                self._results.degrade(exc)
 
     async def _wind_down(self) -> None:
         """Record what finished, give back what did not, close the run row."""
         if self._recorder is not None:
             await asyncio.wait([self._recorder])
         deadline = self._clock.monotonic() + max(self.settings.shutdown_grace_seconds, 5.0)
-        attempt = 0
-        while self._pending and self._clock.monotonic() < deadline:
-            try:
-                await self._flush()
-            except SchemaError as exc:
-                self.schema_error = self.schema_error or str(exc)
-                self._log.error("cycle_schema_error", error=str(exc))
-                break
-            except StoreError as exc:
-                attempt += 1
-                self._degrade(exc)
-                await asyncio.sleep(backoff.ceiling(0.2, attempt, 2.0))
-        if self._pending:
-            self._log.error("results_not_recorded", count=len(self._pending))
+        refused = await self._results.drain(lambda: self._clock.monotonic() >= deadline)
+        self.schema_error = self.schema_error or refused
+        pending = self._results.pending
+        if pending:
+            self._log.error("results_not_recorded", count=len(pending))
         try:
-            keep = [r.claim.token for r in self._pending]
+            keep = [r.claim.token for r in pending]
             released = await self._bounded_db("release_all", self._store.release_all, keep=keep)
             if released:
                 self._log.info("leases_released", count=released)
@@ -512,7 +437,7 @@ class Cycle:
             error = f"paused by an operator; {self._released_for_pause} claimed user(s) released"
         elif p.done < p.claimed:
             outcome = "failed"  # never "succeeded" with claimed users left unattempted
-        elif p.failed or self._pending:
+        elif p.failed or self._results.pending:
             outcome = "failed"
         else:
             outcome = "succeeded"
@@ -528,7 +453,7 @@ class Cycle:
             circuit_open=self._circuit_open,
             schema_error=self.schema_error,
             auth_rejected=self._auth_logged,
-            unrecorded=tuple(self._pending),
+            unrecorded=tuple(self._results.pending),
         )
         try:
             await self._bounded_db(
