@@ -237,10 +237,6 @@ class App:
             if self._store is not None:
                 self._store.db.closing.set()
 
-    def request_cycle(self, reason: str) -> None:
-        """Ask for a cycle now. One already running is never overlapped."""
-        self._cycles.request(reason)
-
     # -- resources -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager

@@ -20,7 +20,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -92,7 +92,6 @@ class Store:
     ) -> None:
         self.db = db
         self.instance = instance
-        self.lease = timedelta(seconds=lease_seconds)
         self.users = users
         self._users = users.table
         self._id = users.table.c[users.id_column]
