@@ -38,6 +38,20 @@ class _Redactor:
         return line
 
 
+class _LibraryBridge(logging.Handler):
+    """Warnings that libraries log through `logging` (psycopg, aiohttp, asyncio) become
+    our own log lines on stdout, never bare text on stderr: stderr carries only the one
+    line a failed start prints, and journald keeps one format."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log = structlog.get_logger("background_sync").bind(component=record.name)
+            write = log.error if record.levelno >= logging.ERROR else log.warning
+            write("library_warning", message=record.getMessage()[:1000])
+        except Exception:
+            self.handleError(record)
+
+
 def configure(
     level: str = "INFO",
     fmt: str = "auto",
@@ -67,6 +81,10 @@ def configure(
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _LibraryBridge)]:
+        root.removeHandler(handler)
+    root.addHandler(_LibraryBridge(logging.WARNING))
 
 
 def get_logger(**context: Any) -> Any:

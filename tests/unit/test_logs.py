@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
+import pytest
 import structlog
 
 from daemon import logs
@@ -40,3 +42,20 @@ def test_level_filter_drops_debug_lines() -> None:
 
 def teardown_function() -> None:
     structlog.reset_defaults()
+
+
+def test_a_library_warning_is_a_log_line_on_stdout_not_text_on_stderr(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """psycopg's "error ignored terminating <Pipeline>" once broke the one-line stderr."""
+    out = io.StringIO()
+    logs.configure("INFO", "json", stream=out)
+    logging.getLogger("psycopg").warning("error ignored terminating %s", "<Pipeline>")
+    (line,) = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert (line["event"], line["component"], line["message"], line["level"]) == (
+        "library_warning",
+        "psycopg",
+        "error ignored terminating <Pipeline>",
+        "warning",
+    )
+    assert capsys.readouterr().err == ""
