@@ -269,12 +269,11 @@ class App:
 
     async def _advise_index(self, store: Store) -> None:
         """Say once, at start-up, when the due scan cannot use an index (and what to run)."""
-        now = self._clock.now()
-        query = store.due_scan_query(
-            stale_before=now - timedelta(seconds=self.settings.stale_after_seconds),
+        statement = await self._db_runner(
+            store.index_advice,
+            stale_before=self._clock.now() - timedelta(seconds=self.settings.stale_after_seconds),
             limit=self.settings.claim_batch_size,
         )
-        statement = await self._db_runner(schema.index_advice, store.db.engine, store.users, query)
         self._log.info(
             "users_table_inspected",
             table=store.users.qualified_name,

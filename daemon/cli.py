@@ -143,12 +143,10 @@ def _inspect_users_table(settings: Settings) -> dict[str, Any]:
     try:
         users = schema.inspect_users(db.engine, settings)
         store = Store(db, users, instance="check-config", lease_seconds=settings.lease_seconds)
-        now = utcnow()
-        query = store.due_scan_query(
-            stale_before=now - timedelta(seconds=settings.stale_after_seconds),
+        advice = store.index_advice(
+            stale_before=utcnow() - timedelta(seconds=settings.stale_after_seconds),
             limit=settings.claim_batch_size,
         )
-        advice = schema.index_advice(db.engine, users, query)
     except StoreError as exc:
         if dberrors.configuration_problem(exc.__cause__ or exc) is not None:
             raise  # a refused login is a setting to fix: 78, as for every command

@@ -41,6 +41,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from daemon.database import short_error
 from daemon.errors import ConfigError, StoreError
 from daemon.settings import Settings
 
@@ -133,7 +134,7 @@ def inspect_users(engine: Engine, settings: Settings) -> UsersTable:
             f"SYNC_USERS_TABLE: table {settings.users_table!r} does not exist"
         ) from None
     except DBAPIError as exc:
-        raise StoreError(f"reading the users table: {_short(exc)}") from exc
+        raise StoreError(f"reading the users table: {short_error(exc)}") from exc
     for variable, wanted in (
         ("SYNC_USER_ID_COLUMN", settings.user_id_column),
         ("SYNC_USER_EMAIL_COLUMN", settings.user_email_column),
@@ -152,7 +153,7 @@ def inspect_users(engine: Engine, settings: Settings) -> UsersTable:
         else:
             storage, typed = _native_storage(settings, declared), None
     except DBAPIError as exc:
-        raise StoreError(f"reading the users table: {_short(exc)}") from exc
+        raise StoreError(f"reading the users table: {short_error(exc)}") from exc
     if typed is not None:
         # The same table, with last_sync read and written in the storage found.
         reflected = Table(
@@ -275,12 +276,6 @@ def wire_id(kind: IdKind, row_id: Any, key: str) -> int | str:
     return key
 
 
-def _short(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    lines = str(orig if orig is not None else exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
-
-
 # -- the due scan's index -------------------------------------------------------------------
 
 
@@ -301,7 +296,7 @@ def index_advice(engine: Engine, users: UsersTable, due_page: Select[Any]) -> st
         else:
             usable = _sqlite_has_index(engine, users)
     except DBAPIError as exc:
-        raise StoreError(f"reading the users table's indexes: {_short(exc)}") from exc
+        raise StoreError(f"reading the users table's indexes: {short_error(exc)}") from exc
     return None if usable else _create_index(engine, users)
 
 

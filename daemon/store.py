@@ -44,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from daemon import dbclock
+from daemon import dbclock, schema
 from daemon.database import Database
 from daemon.models import operations, runs, user_state
 from daemon.schema import UsersTable, wire_id
@@ -205,7 +205,12 @@ class Store:
             )
         return query.order_by(self._last_sync, self._id)
 
-    def due_scan_query(self, *, stale_before: datetime, limit: int) -> Select[Any]:
+    def index_advice(self, *, stale_before: datetime, limit: int) -> str | None:
+        """The CREATE INDEX statement the due scan needs, or None (see schema.index_advice)."""
+        query = self._due_scan_query(stale_before=stale_before, limit=limit)
+        return schema.index_advice(self.db.engine, self.users, query)
+
+    def _due_scan_query(self, *, stale_before: datetime, limit: int) -> Select[Any]:
         """One page of the stale phase as a cycle reads it: what the index advice checks."""
         base = (
             select(self._id, self._email, self._key)

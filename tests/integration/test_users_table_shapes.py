@@ -350,8 +350,7 @@ async def test_a_schema_qualified_users_table_is_synced(
 def advice(engine: Engine, settings: Settings) -> str | None:
     users = schema.inspect_users(engine, settings)
     store = Store(Database(engine), users, instance="advice", lease_seconds=60)
-    query = store.due_scan_query(stale_before=now() - timedelta(hours=1), limit=256)
-    return schema.index_advice(engine, users, query)
+    return store.index_advice(stale_before=now() - timedelta(hours=1), limit=256)
 
 
 def test_the_due_scan_without_an_index_is_reported_with_the_statement_to_run(
