@@ -35,7 +35,7 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 # Its own name, so it never collides with an application that uses Alembic itself.
 VERSION_TABLE = "background_sync_alembic_version"
 # The schema revision this code needs (a test keeps it equal to Alembic's head).
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 
 def make_engine(

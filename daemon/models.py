@@ -41,6 +41,9 @@ user_state = Table(
     Column("next_attempt_at", DateTime(timezone=True), nullable=True),
     Column("last_status", Integer, nullable=True),
     Column("last_error", Text, nullable=True),
+    # An operator's `retry`: who cleared this user's backoff or quarantine, and when.
+    Column("retry_requested_at", DateTime(timezone=True), nullable=True),
+    Column("retry_requested_by", String(128), nullable=True),
     Index("ix_sync_user_state_lease_owner", "lease_owner"),
     Index("ix_sync_user_state_failures", "consecutive_failures"),
 )
@@ -60,6 +63,8 @@ runs = Table(
     Column("failed", Integer, nullable=False, server_default="0"),
     Column("skipped", Integer, nullable=False, server_default="0"),
     Column("error", Text, nullable=True),
+    # The users the cycle found due when it started: progress is claimed/done of this.
+    Column("due", Integer, nullable=True),
     Index("ix_sync_runs_started_at", "started_at"),
 )
 
@@ -107,4 +112,7 @@ instances = Table(
     Column("circuit", String(16), nullable=False),
     Column("status", String(255), nullable=True),
     Column("version", String(32), nullable=True),
+    # JSON: the thresholds this instance runs with, so `status` judges by the daemon's
+    # settings rather than the caller's environment.
+    Column("settings", Text, nullable=True),
 )

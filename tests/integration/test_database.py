@@ -48,9 +48,9 @@ def test_migrate_is_idempotent_and_leaves_the_users_table_alone(tmp_path: Path) 
         conn.exec_driver_sql("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
         conn.exec_driver_sql("INSERT INTO users (email) VALUES ('a@example.com')")
     assert not has_daemon_tables(engine)
-    assert migrate(engine) == head_revision() == "0002"
-    assert migrate(engine) == "0002"
-    assert current_revision(engine) == "0002"
+    assert migrate(engine) == head_revision() == "0003"
+    assert migrate(engine) == "0003"
+    assert current_revision(engine) == "0003"
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT email FROM users").scalars().all() == ["a@example.com"]
     engine.dispose()
