@@ -115,4 +115,6 @@ instances = Table(
     # JSON: the thresholds this instance runs with, so `status` judges by the daemon's
     # settings rather than the caller's environment.
     Column("settings", Text, nullable=True),
+    # The instance's health state (daemon.health.HealthState), as its views show it.
+    Column("health", String(16), nullable=True),
 )

@@ -1,4 +1,4 @@
-"""What operators read and do: the thresholds each instance uses, a run's due count,
+"""What operators read and do: the thresholds and health of each instance, a run's due count,
 and who asked for a user to be retried and when.
 
 Revision ID: 0003
@@ -22,6 +22,7 @@ TZ = sa.DateTime(timezone=True)
 def upgrade() -> None:
     with op.batch_alter_table("sync_instances") as batch:
         batch.add_column(sa.Column("settings", sa.Text(), nullable=True))
+        batch.add_column(sa.Column("health", sa.String(16), nullable=True))
     with op.batch_alter_table("sync_runs") as batch:
         batch.add_column(sa.Column("due", sa.Integer(), nullable=True))
     with op.batch_alter_table("sync_user_state") as batch:
@@ -36,4 +37,5 @@ def downgrade() -> None:
     with op.batch_alter_table("sync_runs") as batch:
         batch.drop_column("due")
     with op.batch_alter_table("sync_instances") as batch:
+        batch.drop_column("health")
         batch.drop_column("settings")
