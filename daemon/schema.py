@@ -124,6 +124,19 @@ class _SqliteTime(TypeDecorator[Any]):
         return value
 
 
+def as_instant(value: Any, storage: Storage) -> datetime | None:
+    """A last_sync value as read from the table (in any storage) as a UTC instant."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, int | float):
+        seconds = value / 1000 if storage is Storage.UNIX_MILLISECONDS else value
+        return datetime.fromtimestamp(seconds, UTC)
+    parsed = datetime.fromisoformat(str(value))
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 def inspect_users(engine: Engine, settings: Settings) -> UsersTable:
     """Reflect and check the configured users table; ConfigError names what is wrong."""
     schema, name = settings.users_table_parts
