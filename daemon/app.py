@@ -114,7 +114,12 @@ class App:
         self._health = health.Tracker()
         self._control = control.Poll(self._log, started_at=self._clock.now())
         self._cycles = Cycles(self, self._log)
-        self._backend = BackendSessions(self._make_gate(settings))
+        self._backend = BackendSessions(self._make_gate(settings), self.metrics.calls)
+        self.metrics.follow(
+            circuit=lambda: self.gate.state.value,
+            credentials_rejected=lambda: self._health.stats.credentials_rejected,
+            progress=lambda: cycle.progress if (cycle := self._cycles.running) else None,
+        )
         self._state = "starting"
 
     # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
@@ -439,6 +444,7 @@ class App:
             self._note_database(False)
             return
         self._note_database(True)
+        self.metrics.show_instances(self._control.instances)
         self._apply_control(switches)
 
     def _apply_control(self, row: control.Control) -> None:
@@ -477,6 +483,7 @@ class App:
             return
         crossed = self._health.freshness.record(found, after_a_cycle=after_a_cycle)
         self.metrics.show_freshness(found)
+        await self._show_due()
         self._log.info(
             "freshness_measured",
             fresh_ratio=round(found.fresh_ratio, 6),
@@ -497,6 +504,17 @@ class App:
                 objective=found.objective,
                 overdue=found.overdue,
             )
+
+    async def _show_due(self) -> None:
+        """Users a cycle would claim now, for the metrics (with each freshness measurement)."""
+        now = self._clock.now()
+        stale_before = now - timedelta(seconds=self.settings.stale_after_seconds)
+        try:
+            due = await self._db_runner(self.store.count_due, now=now, stale_before=stale_before)
+        except (StoreError, ConfigError) as exc:
+            self._log.warning("due_not_counted", error=str(exc))
+            return
+        self.metrics.show_due(due)
 
     def cycle_crashed(self, error: BaseException) -> None:
         """A bug, not a backend or database fault: let systemd restart a clean process."""

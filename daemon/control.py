@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, exists, insert, select, update
+from sqlalchemy import ColumnElement, case, delete, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -180,6 +180,22 @@ def mark_stopped(db: Database, *, instance: str) -> bool:
     return db.transaction(unit, name="mark_stopped")
 
 
+def count_instances(db: Database) -> dict[str, int]:
+    """Instances by state, as `status` shows them: an instance silent past
+    LOST_AFTER_SECONDS (on the database's clock) that did not say it stopped is lost."""
+    i = instances.c
+    silent = or_(
+        i.heartbeat_at.is_(None), i.heartbeat_at < dbclock.after(db.dialect, -LOST_AFTER_SECONDS)
+    )
+    state = case(((i.state != STOPPED) & silent, "lost"), else_=i.state)
+    query = select(state, func.count()).group_by(state)
+
+    def unit(session: Session) -> dict[str, int]:
+        return {str(name): int(count) for name, count in session.execute(query)}
+
+    return db.transaction(unit, name="count_instances")
+
+
 @dataclass(frozen=True)
 class Cleaned:
     leases: int
@@ -281,10 +297,11 @@ class Poll:
         self.switches = Switches(log)
         self.watch = Progress()  # a database wait the watchdog can see overrun
         self.started_at = started_at
+        self.instances: dict[str, int] = {}  # every instance's state, read with each report
 
     async def report(
         self,
-        run: Callable[..., Awaitable[Control]],
+        run: Callable[..., Awaitable[Any]],
         db: Database,
         *,
         instance: str,
@@ -294,9 +311,10 @@ class Poll:
         status: str,
         bound_s: float,
     ) -> Control:
-        """Publish this instance's row and read the control row (StoreError if it fails)."""
+        """Publish this instance's row and read the control row (StoreError if it fails);
+        then read every instance's state (`instances`, for the metrics)."""
         with self.watch.bounded(bound_s, "database control poll"):
-            return await run(
+            switches: Control = await run(
                 report_instance,
                 db,
                 instance=instance,
@@ -306,3 +324,5 @@ class Poll:
                 circuit=circuit,
                 status=status,
             )
+            self.instances = await run(count_instances, db)
+            return switches
