@@ -477,6 +477,7 @@ class App:
                 objective=s.freshness_objective,
                 quarantine_after=s.quarantine_after,
                 now=self._clock.now(),
+                hint=self._health.freshness.latest,
             )
         except (StoreError, ConfigError) as exc:
             self._log.warning("freshness_not_measured", error=str(exc))

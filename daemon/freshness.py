@@ -6,9 +6,11 @@ of now (SYNC_FRESHNESS_TARGET_SECONDS; by default SYNC_STALE_AFTER_SECONDS +
 SYNC_INTERVAL_SECONDS, the longest a healthy daemon lets a user wait). Never-synced
 users are overdue. Quarantined users are counted on their own as well, never hidden.
 
-One aggregate statement measures everything in a single pass over the users table
-(no join, no sort): at 1,000,000 rows it is one sequential or index-only scan, measured
-once per cycle, never per call.
+One aggregate statement measures everything, with no join and no sort: on PostgreSQL a
+single scan; on SQLite with an index led by last_sync, range counts the index answers
+alone. Measured with 1,000,000 rows on this project's 2-core machine: about 0.25-0.35 s
+on PostgreSQL and 0.37-0.39 s on SQLite (a single scan there took 2.4-4.4 s). It runs
+once per cycle and at start-up, never per call.
 """
 
 from __future__ import annotations
@@ -102,27 +104,56 @@ def measure(
     session: Session,
     last_sync: ColumnElement[Any],
     *,
+    range_counts: bool,
     in_column_form: Callable[[datetime], Any],
     as_instant: Callable[[Any], datetime | None],
     target_s: float,
     objective: float,
     quarantine_after: int,
     now: datetime,
+    hint: Freshness | None = None,
 ) -> Freshness:
-    """Measure in one pass over the users table, plus a count of the quarantined.
+    """Measure with one aggregate statement, plus a count of the quarantined.
 
-    `in_column_form` turns an instant into the value the column compares with (naive for
-    a timestamp without time zone); `as_instant` turns a stored value back into one.
+    With `range_counts` (an index led by last_sync, on SQLite), each bound is a range
+    count the index answers without reading a row, counted from whichever end held
+    fewer users last time (`hint`, the previous measurement): about one pass over the
+    index in all. Otherwise a single scan evaluates every bound per row.
+    `in_column_form` turns an instant into the value the column compares with;
+    `as_instant` turns a stored value back into one.
     """
+    bounds = sorted({*BUCKETS_S, target_s})
+    since = [in_column_form(now - timedelta(seconds=b)) for b in bounds]
+    table = last_sync.table
 
-    def at_most(age_s: float) -> ColumnElement[Any]:
-        since = in_column_form(now - timedelta(seconds=age_s))
-        return func.coalesce(func.sum(case((last_sync >= since, 1), else_=0)), 0)
+    def count(*where: ColumnElement[bool]) -> Any:
+        return select(func.count()).select_from(table).where(*where).scalar_subquery()
 
-    columns = [func.count(), func.count(last_sync), at_most(target_s), func.min(last_sync)]
-    columns += [at_most(bound) for bound in BUCKETS_S]
-    row = session.execute(select(*columns).select_from(last_sync.table)).one()
-    users, synced, fresh, oldest = int(row[0]), int(row[1]), int(row[2]), as_instant(row[3])
+    newer_side = _newer_is_smaller(bounds, hint)
+    if range_counts:
+        columns = [
+            count(),
+            count(last_sync.is_(None)),
+            select(func.min(last_sync)).scalar_subquery(),
+        ]
+        columns += [
+            count(last_sync >= at) if newer else count(last_sync < at)
+            for at, newer in zip(since, newer_side, strict=True)
+        ]
+    else:
+        columns = [func.count(), func.count() - func.count(last_sync), func.min(last_sync)]
+        columns += [func.coalesce(func.sum(case((last_sync >= at, 1), else_=0)), 0) for at in since]
+        newer_side = [True] * len(bounds)
+    row = session.execute(
+        select(*columns).select_from(table) if not range_counts else select(*columns)
+    ).one()
+    users, never = int(row[0]), int(row[1])
+    oldest = as_instant(row[2])
+    synced = users - never
+    within = {
+        bound: int(value) if newer else synced - int(value)
+        for bound, value, newer in zip(bounds, row[3:], newer_side, strict=True)
+    }
     quarantined = session.execute(
         select(func.count()).where(user_state.c.consecutive_failures >= quarantine_after)
     ).scalar_one()
@@ -135,9 +166,22 @@ def measure(
         target_s=target_s,
         objective=objective,
         users=users,
-        fresh=fresh,
-        never_synced=users - synced,
+        fresh=within[target_s],
+        never_synced=never,
         quarantined=int(quarantined),
         oldest_overdue_s=oldest_overdue,
-        staleness=tuple(int(v) for v in row[4:]),
+        staleness=tuple(within[b] for b in BUCKETS_S),
     )
+
+
+def _newer_is_smaller(bounds: list[float], hint: Freshness | None) -> list[bool]:
+    """Per bound: were the users synced within it fewer than those older, last time?
+
+    With no earlier measurement, count the older side: in a table kept fresh the
+    overdue are few.
+    """
+    if hint is None or not hint.users:
+        return [False] * len(bounds)
+    known = dict(zip(BUCKETS_S, hint.staleness, strict=True)) | {hint.target_s: hint.fresh}
+    half = hint.users / 2
+    return [known.get(bound, hint.users) <= half for bound in bounds]

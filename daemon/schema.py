@@ -81,6 +81,15 @@ class UsersTable:
     storage: Storage
 
     @property
+    def last_sync_indexed(self) -> bool:
+        """An index starts with last_sync: counts of a last_sync range read only the index."""
+        return any(
+            next(iter(index.columns)).name == self.last_sync_column
+            for index in self.table.indexes
+            if len(index.columns)
+        )
+
+    @property
     def qualified_name(self) -> str:
         return f"{self.table.schema}.{self.table.name}" if self.table.schema else self.table.name
 

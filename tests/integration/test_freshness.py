@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
 
 from daemon import freshness, schema
 from daemon import settings as settings_module
@@ -102,3 +103,34 @@ def test_the_share_is_floored_so_one_overdue_user_never_reads_100_percent() -> N
     assert freshness.percent(0.99999) == "99.9 %"
     assert freshness.percent(1.0) == "100 %"
     assert freshness.percent(0.5) == "50 %"
+
+
+def test_range_counts_and_one_pass_agree_whichever_end_they_count_from(
+    app_db: AppDatabase,
+) -> None:
+    """The index path counts each bound from the end that was smaller last time."""
+    app_db.seed(40)
+    for user_id in range(1, 40):
+        app_db.set_last_sync(user_id, NOW - timedelta(minutes=user_id * 17))
+    store = app_db.store()
+    column = store.users.table.c[store.users.last_sync_column]
+
+    def run(range_counts: bool, hint: freshness.Freshness | None) -> freshness.Freshness:
+        with app_db.db.engine.connect() as conn, Session(bind=conn) as session:
+            return freshness.measure(
+                session,
+                column,
+                range_counts=range_counts,
+                in_column_form=store._app_time,
+                as_instant=lambda value: schema.as_instant(value, store.users.storage),
+                target_s=3900,
+                objective=0.99,
+                quarantine_after=10,
+                now=NOW,
+                hint=hint,
+            )
+
+    one_pass = run(False, None)
+    assert run(True, None) == one_pass
+    assert run(True, one_pass) == one_pass
+    assert (one_pass.fresh, one_pass.never_synced) == (3, 1)
