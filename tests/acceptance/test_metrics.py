@@ -60,6 +60,7 @@ def test_live_metrics_pass_promtool_check_metrics(harness: Harness) -> None:
         "background_sync_circuit_state",
         "background_sync_instances",
         "background_sync_fresh_ratio",
+        "background_sync_users_due",
     ):
         assert name.encode() in text, f"{name} missing from /metrics"
     checked = subprocess.run(
@@ -133,6 +134,7 @@ def test_a_prometheus_server_scrapes_the_daemon_and_answers_what_status_says(
             f'background_sync_health{{state="{status["health"]}"}}': 1.0,
             "sum(background_sync_health)": 1.0,
             'background_sync_circuit_state{state="closed"}': 1.0,
+            "sum(background_sync_instances)": 1.0,  # this daemon, from the database
         }
         for expression, wanted in expected.items():
             wait_until(
