@@ -125,4 +125,16 @@ def test_instances_are_counted_by_state_with_silent_ones_lost_on_the_database_cl
             .where(instances.c.instance.in_(["c", "d"]))
             .values(heartbeat_at=silent)
         )
-    assert control.count_instances(app_db.db) == {"idle": 1, "syncing": 1, "lost": 1, "stopped": 1}
+    census = {"idle": 1, "syncing": 1, "lost": 1, "stopped": 1}
+    assert control.count_instances(app_db.db) == census
+    # The control poll reads the same census in its own transaction, its heartbeat first.
+    reported = control.report_instance(
+        app_db.db,
+        instance="c",
+        started_at=utcnow(),
+        now=utcnow(),
+        state="paused",
+        circuit="closed",
+        status="paused",
+    )
+    assert reported.instances == {"idle": 1, "syncing": 1, "paused": 1, "stopped": 1}
