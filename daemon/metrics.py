@@ -7,8 +7,8 @@ fixed set of values, each series created at start-up so that rates and alerts se
 rather than nothing.
 
 Cost: per-user counters are fed from the cycle's Report, once per cycle. The only
-per-call updates are those of BackendCalls (one histogram observation and one counter
-increment per HTTP attempt, on children bound once); what the daemon is doing now (the
+per-call updates are those of BackendCalls (a few integer increments per HTTP attempt,
+turned into a histogram and a counter when scraped); what the daemon is doing now (the
 circuit, the running cycle's progress, the credentials) is read when Prometheus scrapes,
 never pushed from the hot path. Freshness is one immutable measurement per cycle, exposed
 as it is by a collector.
@@ -16,11 +16,18 @@ as it is by a collector.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
 
 from daemon.backend import CallMeter
@@ -47,55 +54,68 @@ USER_OUTCOMES = ("success", "failed", "skipped")
 CYCLE_OUTCOMES = ("succeeded", "failed", "crashed", "interrupted", "paused")
 CIRCUIT_STATES = ("closed", "open", "half_open")
 INSTANCE_STATES = ("idle", "syncing", "paused", "starting", "stopping", "lost", "stopped")
-# Indexed by status // 100: the class label of every status, with no string built per call.
+# Indexed by status // 100 (0 for no status or one outside 200-599).
 _CLASS_OF_HUNDRED = ("none", "none", "2xx", "3xx", "4xx", "5xx")
 
 
 class BackendCalls(CallMeter):
     """Per HTTP attempt: latency by outcome, count by status class, attempts in flight.
 
-    Every labelled child is bound once here, so an attempt costs two dictionary lookups,
-    one observation and one increment; in flight is a plain integer read at scrape time.
+    On the hot path, so counted in plain integers and exposed by `collect()` when
+    Prometheus scrapes: an attempt costs a bisect and three increments (about 0.5 us of
+    CPU, where prometheus_client's locked Histogram and Counter children cost about
+    3 us). No lock is needed: the calls and the status server that scrapes them share
+    the daemon's one event loop thread.
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        duration = Histogram(
-            "background_sync_backend_request_duration_seconds",
-            "Wall time of one HTTP attempt to the backend, by how it ended.",
-            ["outcome"],
-            buckets=CALL_BUCKETS_S,
-            registry=registry,
-        )
-        self._duration = {outcome: duration.labels(outcome) for outcome in CALL_OUTCOMES}
-        requests = Counter(
-            "background_sync_backend_requests_total",
-            "HTTP attempts to the backend, by status class (none: no HTTP status).",
-            ["status_class"],
-            registry=registry,
-        )
-        by_class = {name: requests.labels(name) for name in STATUS_CLASSES}
-        self._by_hundred = tuple(by_class[name] for name in _CLASS_OF_HUNDRED)
-        self._no_status = by_class["none"]
+    def __init__(self) -> None:
         self.in_flight = 0
-        Gauge(
-            "background_sync_backend_requests_in_flight",
-            "HTTP attempts to the backend sent and not answered yet.",
-            registry=registry,
-        ).set_function(lambda: self.in_flight)
+        # Per outcome, attempts per bucket (not cumulative); the last one is past 60 s.
+        self._buckets = {o: [0] * (len(CALL_BUCKETS_S) + 1) for o in CALL_OUTCOMES}
+        self._seconds = dict.fromkeys(CALL_OUTCOMES, 0.0)
+        self._by_hundred = [0] * len(_CLASS_OF_HUNDRED)  # index: status // 100
 
     def started(self) -> None:
         self.in_flight += 1
 
     def finished(self, outcome: str, status: int | None, seconds: float) -> None:
         self.in_flight -= 1
-        self._duration[outcome].observe(seconds)
-        if status is None or not 200 <= status < 600:
-            self._no_status.inc()
-        else:
-            self._by_hundred[status // 100].inc()
+        self._buckets[outcome][bisect.bisect_left(CALL_BUCKETS_S, seconds)] += 1
+        self._seconds[outcome] += seconds
+        self._by_hundred[status // 100 if status is not None and 200 <= status < 600 else 0] += 1
 
     def abandoned(self) -> None:
         self.in_flight -= 1
+
+    def collect(self) -> Iterator[Metric]:
+        duration = HistogramMetricFamily(
+            "background_sync_backend_request_duration_seconds",
+            "Wall time of one HTTP attempt to the backend, by how it ended.",
+            labels=["outcome"],
+        )
+        for outcome in CALL_OUTCOMES:
+            cumulative = list(itertools.accumulate(self._buckets[outcome]))
+            bounds = [floatToGoString(b) for b in CALL_BUCKETS_S] + ["+Inf"]
+            duration.add_metric(
+                [outcome], list(zip(bounds, cumulative, strict=True)), self._seconds[outcome]
+            )
+        yield duration
+        requests = CounterMetricFamily(
+            "background_sync_backend_requests",
+            "HTTP attempts to the backend, by status class (none: no HTTP status).",
+            labels=["status_class"],
+        )
+        counted = dict.fromkeys(STATUS_CLASSES, 0)
+        for hundred, count in enumerate(self._by_hundred):
+            counted[_CLASS_OF_HUNDRED[hundred]] += count
+        for name in STATUS_CLASSES:
+            requests.add_metric([name], counted[name])
+        yield requests
+        yield _gauge(
+            "background_sync_backend_requests_in_flight",
+            "HTTP attempts to the backend sent and not answered yet.",
+            self.in_flight,
+        )
 
 
 class FreshnessCollector:
@@ -246,7 +266,8 @@ class Metrics:
             "users failing one by one do not keep it from counting.",
             registry=self.registry,
         )
-        self.calls = BackendCalls(self.registry)
+        self.calls = BackendCalls()
+        self.registry.register(self.calls)
         self._circuit = Gauge(
             "background_sync_circuit_state",
             "1 for the circuit breaker's current state (closed, open, half_open).",
