@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from daemon import retry, schema, userview
+from daemon import control, retry, schema, userview
 from daemon.database import aware
 from daemon.models import operations, user_state
 from daemon.store import Cursor, new_run_id
@@ -153,21 +153,26 @@ async def test_retry_reports_unknown_ids_and_users_with_nothing_to_release_and_r
 async def test_status_user_shows_since_when_a_user_is_quarantined_and_its_attempts(
     app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
 ) -> None:
-    """Quarantined since the failure that reached SYNC_QUARANTINE_AFTER, not the last one."""
+    """Quarantined since the failure that reached SYNC_QUARANTINE_AFTER: not the last one,
+    and not counting a crashed instance's abandoned claim, which is no failure of the user."""
     env = {"SYNC_QUARANTINE_PROBE_SECONDS": "60"}
     app_db.seed(2)
     await backend.faults(fail_users=["1"])
-    await _fail_cycles(app_db, make_settings, backend, 3, **env)  # 2 reached, then probed
+    await _fail_cycles(app_db, make_settings, backend, 2, **env)  # 2 reached
+    now = datetime.now(UTC)
+    crashed = app_db.store(instance="crashed-instance", lease_seconds=60)
+    crashed.claim(Cursor(), 1, run_id=new_run_id(), now=now, stale_before=now)
+    app_db.let_time_pass(120)  # its lease expires; housekeeping files it as abandoned
+    assert control.cleanup(app_db.db, now=now, stale_after=timedelta(hours=1)).leases == 1
+    await _fail_cycles(app_db, make_settings, backend, 1, **env)  # probed, failed again
     with app_db.db.engine.connect() as conn:
-        ended = [
-            aware(t)
-            for t in conn.scalars(
-                select(operations.c.finished_at)
-                .where(operations.c.user_key == "1")
-                .order_by(operations.c.finished_at)
-            )
-        ]
-    assert len(ended) == 3
+        ops = conn.execute(
+            select(operations.c.finished_at, operations.c.run_id)
+            .where(operations.c.user_key == "1")
+            .order_by(operations.c.finished_at)
+        ).all()
+    assert [run_id == "cleanup" for _, run_id in ops] == [False, False, True, False]
+    ended = [aware(finished) for finished, run_id in ops if run_id != "cleanup"]
 
     data = userview.collect(
         app_db.db, _users(app_db), make_settings(**ENV | env), "1", now=datetime.now(UTC)
@@ -179,8 +184,8 @@ async def test_status_user_shows_since_when_a_user_is_quarantined_and_its_attemp
         True,
     )
     assert data["quarantined_since"] == ended[1].isoformat()
-    assert [a["outcome"] for a in data["attempts"]] == ["failed"] * 3
-    assert [a["http_status"] for a in data["attempts"]] == [500] * 3
+    assert [a["outcome"] for a in data["attempts"]] == ["failed"] * 4
+    assert [a["http_status"] for a in data["attempts"]] == [500, None, 500, 500]
     assert data["attempts"][0]["finished_at"] == ended[2].isoformat()  # newest first
     assert data["lease"] is None and data["retry_requested_by"] is None
     assert data["next_attempt_in_s"] is not None and data["next_attempt_in_s"] < 0  # probe due
