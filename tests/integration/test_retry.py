@@ -7,14 +7,15 @@ fails; `retry.release` / `retry.release_quarantined` and `userview.collect` are 
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from daemon import control, retry, schema, userview
 from daemon.database import aware
-from daemon.models import operations, user_state
+from daemon.models import instances, operations, user_state
 from daemon.store import Cursor, new_run_id
 from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
 from tests.integration.test_cycle import run_cycle, synced
@@ -202,3 +203,34 @@ async def test_status_user_of_an_id_not_in_the_users_table_says_so(
     app_db.seed(1)
     data = userview.collect(app_db.db, _users(app_db), make_settings(), "42", now=datetime.now(UTC))
     assert (data["in_users_table"], data["state"], data["attempts"]) == (False, "unknown", [])
+
+
+async def test_a_user_is_judged_by_the_thresholds_the_running_instance_recorded(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    """The daemon quarantines from 2 on; a shell whose environment says 10 still sees it."""
+    app_db.seed(1)
+    await backend.faults(fail_users=["1"])
+    await _fail_cycles(app_db, make_settings, backend, 2)
+    now = datetime.now(UTC)
+    with app_db.db.engine.begin() as conn:
+        conn.execute(
+            insert(instances).values(
+                instance="web1:4242:1a2b3c",
+                started_at=now,
+                heartbeat_at=now,
+                state="idle",
+                circuit="closed",
+                settings=json.dumps({"quarantine_after": 2, "stale_after_seconds": 3600}),
+            )
+        )
+    shell = make_settings(SYNC_QUARANTINE_AFTER="10")
+
+    data = userview.collect(app_db.db, _users(app_db), shell, "1", now=now)
+    done = retry.release_quarantined(app_db.db, shell, by=OPERATOR, now=now)
+
+    assert (data["state"], data["thresholds"]["source"]) == (
+        "quarantined",
+        "instance web1:4242:1a2b3c",
+    )
+    assert (done.released, done.quarantine_after) == (("1",), 2)
