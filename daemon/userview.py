@@ -333,19 +333,21 @@ def render(data: dict[str, Any], *, now: datetime) -> str:
     """The human form of `status --user ID`."""
     lines = [f"user {data['user_id']}: {_headline(data, now)}"]
     limits = data["thresholds"]
+    lines.append(f"  database: {data['database']}")
     lines.append(
-        f"  database: {data['database']} (due after {ages.span(limits['stale_after_seconds'])}, "
-        f"quarantined from {limits['quarantine_after']} failures in a row: {limits['source']})"
+        f"  judged by: due after {ages.span(limits['stale_after_seconds'])}, quarantined from "
+        f"{limits['quarantine_after']} failures in a row ({limits['source']})"
     )
     if not data["in_users_table"] and data["lease"] is None and not data["attempts"]:
-        return "\n".join(lines)  # nothing at all is known of this id
+        return "\n".join(lines[:2])  # nothing at all is known of this id
     lines.append(f"  last sync: {_when(data['last_sync'], now)}")
     lease = data["lease"]
     if lease is None:
         lines.append("  lease: none")
     else:
-        held = "held by" if lease["live"] else "expired, was"
-        lines.append(f"  lease: {held} {lease['instance']}, until {_in(lease['expires_in_s'])}")
+        ends = _in(lease["expires_in_s"])
+        held = f"held, expires {ends}" if lease["live"] else f"expired {ends}"
+        lines.append(f"  lease: {lease['instance']}, {held}")
     lines.append(f"  consecutive failures: {data['consecutive_failures']}")
     wait = data["next_attempt_in_s"]
     if wait is not None:
@@ -353,7 +355,7 @@ def render(data: dict[str, Any], *, now: datetime) -> str:
             f"  next attempt: {_in(wait)}" if wait > 0 else "  next attempt: at the next cycle"
         )
     if data["last_error"] or data["last_status"]:
-        answer = f"{data['last_status'] or '-'} {data['last_error'] or ''}".rstrip()
+        answer = f"{data['last_status'] or '-'}: {data['last_error'] or 'ok'}"
         lines.append(f"  last answer: {answer}")
     if data["retry_requested_by"]:
         lines.append(
