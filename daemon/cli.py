@@ -462,10 +462,10 @@ def _parser() -> argparse.ArgumentParser:
         "retry",
         parents=[env],
         help="release users from backoff or quarantine",
-        description="Clear the backoff and quarantine of the named users (or of every "
-        "quarantined user): they are claimed at the next cycle if their last_sync is "
-        "stale. A user being synced right now (live lease) is left alone. Who asked and "
-        "when is recorded and shown by `status --user ID`.",
+        description="Clear the backoff and quarantine of the named users (or of every\n"
+        "quarantined user): the next cycle claims them if their last_sync is stale.\n"
+        "A user being synced right now (live lease) is left alone. Who asked and when\n"
+        "is recorded, and shown by `status --user ID`.",
         epilog=RETRY_EXIT_STATUSES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
