@@ -207,6 +207,8 @@ def follow(
                 continue
             sleep(poll)
             if _replaced(path, handle):
+                # What the writer added to the old file in the meantime comes first.
+                yield from (partial + handle.read()).splitlines(keepends=True)
                 handle.close()
                 handle = _open(path)
                 partial = ""
