@@ -50,12 +50,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         return logview.main_from_args(args)
     env_file = getattr(args, "env_file", None)
     daemon = args.command in ("run", "once")  # their stdout is their log
+    environ: Mapping[str, str] = os.environ
     try:
         environ = envfile.overlay(os.environ, env_file)
         settings = settings_module.load(environ)
     except ConfigError as exc:
         if daemon:
-            logs.configure(fmt=os.environ.get("SYNC_LOG_FORMAT", "auto").strip().lower())
+            logs.configure(fmt=environ.get("SYNC_LOG_FORMAT", "auto").strip().lower())
         return _failed(str(exc), EX_CONFIG, log=daemon)
     logs.configure(
         settings.log_level,
