@@ -56,29 +56,45 @@ def run(argv: Sequence[str] | None = None) -> int:
         from daemon import reference_backend
 
         return reference_backend.main_from_args(args)
+    if args.command == "logs":  # reads no settings: works with no SYNC_* variable at all
+        from daemon import logview
+
+        return logview.main_from_args(args)
     env_file = getattr(args, "env_file", None)
+    daemon = args.command in ("run", "once")  # their stdout is their log
+    environ: Mapping[str, str] = os.environ
     try:
         environ = envfile.overlay(os.environ, env_file)
         settings = settings_module.load(environ)
     except ConfigError as exc:
-        print(f"background-sync: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        if daemon:
+            logs.configure(fmt=environ.get("SYNC_LOG_FORMAT", "auto").strip().lower())
+        return _failed(str(exc), EX_CONFIG, log=daemon)
     logs.configure(
         settings.log_level,
         settings.log_format,
         secrets=[settings.backend_token.reveal()] if settings.backend_token else [],
     )
-    _warn_unknown(environ, daemon=args.command in ("run", "once"))
+    _warn_unknown(environ, daemon=daemon)
     handler = _COMMANDS[args.command]
     try:
         return handler(settings, args)
     except ConfigError as exc:
-        print(f"background-sync: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _failed(str(exc), EX_CONFIG, log=daemon)
     except StoreError as exc:
-        return _database_failed(exc, f"database: {exc}")
+        return _database_failed(exc, f"database: {exc}", log=daemon)
     except DBAPIError as exc:  # a command that talks to the database directly
-        return _database_failed(exc, f"database: {short_error(exc)}")
+        return _database_failed(exc, f"database: {short_error(exc)}", log=daemon)
+
+
+def _failed(line: str, exit_status: int, *, log: bool = False) -> int:
+    """The one stderr line of a failed command. `run` and `once` also log it, so that
+    their log (the journal, the manage script's JSON file) says why they ended."""
+    print(f"background-sync: {line}", file=sys.stderr)
+    if log:
+        event = "config_error" if exit_status == EX_CONFIG else "database_unavailable_at_start"
+        logs.get_logger().error(event, error=line, exit_status=exit_status)
+    return exit_status
 
 
 def _warn_unknown(environ: Mapping[str, str], *, daemon: bool) -> None:
@@ -90,14 +106,12 @@ def _warn_unknown(environ: Mapping[str, str], *, daemon: bool) -> None:
             print(f"background-sync: warning: {warning}", file=sys.stderr)
 
 
-def _database_failed(exc: BaseException, line: str) -> int:
+def _database_failed(exc: BaseException, line: str, *, log: bool = False) -> int:
     """A refused login or a missing database is a setting to fix (78); the rest is 69."""
     refused = dberrors.configuration_problem(exc)
     if refused is not None:
-        print(f"background-sync: SYNC_DATABASE_URL: the server refused: {refused}", file=sys.stderr)
-        return EX_CONFIG
-    print(f"background-sync: {line}", file=sys.stderr)
-    return EX_UNAVAILABLE
+        return _failed(f"SYNC_DATABASE_URL: the server refused: {refused}", EX_CONFIG, log=log)
+    return _failed(line, EX_UNAVAILABLE, log=log)
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -474,6 +488,9 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--now", action="store_true", help="also request a cycle now, like `force`")
     seed = sub.add_parser("seed-demo", parents=[env], help="create and fill a demo users table")
     seed.add_argument("--users", type=int, default=25, help="how many users the table should hold")
+    from daemon import logview
+
+    logview.add_arguments(sub.add_parser("logs", help="print JSON log lines for people, filtered"))
     backend = sub.add_parser(
         "reference-backend", help="run the bundled backend that implements the contract"
     )
