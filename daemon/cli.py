@@ -7,6 +7,9 @@ which the unit lists in RestartPreventExitStatus= so a typo does not restart-loo
 "failed" (`once --ignore-pause` runs anyway).
 64 (EX_USAGE) for a command-line value that would do harm, such as a `cleanup`
 threshold shorter than the lease.
+67 (EX_NOUSER) when `status --user` or `retry` names a user that is not in the users
+table; `retry` exits 75 (EX_TEMPFAIL) when it left a user alone because a live lease
+holds it (an instance is calling that user right now).
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ from daemon.errors import ConfigError, StoreError
 from daemon.settings import Settings
 
 EX_USAGE = 64
+EX_NOUSER = 67
+RETRY_EXIT_STATUSES = """exit status (the first that applies):
+  3   --now while paused: users released, no cycle requested (as `force`)
+  75  a user was left alone: a live lease holds it (it is being synced right now)
+  67  an ID is not in the users table (the others were still released)
+  0   every named user released, or it had nothing to release
+  64  neither IDs nor --quarantined, or both
+  69  the database cannot be reached; 78 a setting to fix
+"""
 # Past this, a threshold is not a time any more (and no longer fits a timedelta).
 CLEANUP_MAX_STALE_AFTER = 1e9
 
@@ -44,29 +56,45 @@ def run(argv: Sequence[str] | None = None) -> int:
         from daemon import reference_backend
 
         return reference_backend.main_from_args(args)
+    if args.command == "logs":  # reads no settings: works with no SYNC_* variable at all
+        from daemon import logview
+
+        return logview.main_from_args(args)
     env_file = getattr(args, "env_file", None)
+    daemon = args.command in ("run", "once")  # their stdout is their log
+    environ: Mapping[str, str] = os.environ
     try:
         environ = envfile.overlay(os.environ, env_file)
         settings = settings_module.load(environ)
     except ConfigError as exc:
-        print(f"background-sync: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        if daemon:
+            logs.configure(fmt=environ.get("SYNC_LOG_FORMAT", "auto").strip().lower())
+        return _failed(str(exc), EX_CONFIG, log=daemon)
     logs.configure(
         settings.log_level,
         settings.log_format,
         secrets=[settings.backend_token.reveal()] if settings.backend_token else [],
     )
-    _warn_unknown(environ, daemon=args.command in ("run", "once"))
+    _warn_unknown(environ, daemon=daemon)
     handler = _COMMANDS[args.command]
     try:
         return handler(settings, args)
     except ConfigError as exc:
-        print(f"background-sync: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _failed(str(exc), EX_CONFIG, log=daemon)
     except StoreError as exc:
-        return _database_failed(exc, f"database: {exc}")
+        return _database_failed(exc, f"database: {exc}", log=daemon)
     except DBAPIError as exc:  # a command that talks to the database directly
-        return _database_failed(exc, f"database: {short_error(exc)}")
+        return _database_failed(exc, f"database: {short_error(exc)}", log=daemon)
+
+
+def _failed(line: str, exit_status: int, *, log: bool = False) -> int:
+    """The one stderr line of a failed command. `run` and `once` also log it, so that
+    their log (the journal, the manage script's JSON file) says why they ended."""
+    print(f"background-sync: {line}", file=sys.stderr)
+    if log:
+        event = "config_error" if exit_status == EX_CONFIG else "database_unavailable_at_start"
+        logs.get_logger().error(event, error=line, exit_status=exit_status)
+    return exit_status
 
 
 def _warn_unknown(environ: Mapping[str, str], *, daemon: bool) -> None:
@@ -78,14 +106,12 @@ def _warn_unknown(environ: Mapping[str, str], *, daemon: bool) -> None:
             print(f"background-sync: warning: {warning}", file=sys.stderr)
 
 
-def _database_failed(exc: BaseException, line: str) -> int:
+def _database_failed(exc: BaseException, line: str, *, log: bool = False) -> int:
     """A refused login or a missing database is a setting to fix (78); the rest is 69."""
     refused = dberrors.configuration_problem(exc)
     if refused is not None:
-        print(f"background-sync: SYNC_DATABASE_URL: the server refused: {refused}", file=sys.stderr)
-        return EX_CONFIG
-    print(f"background-sync: {line}", file=sys.stderr)
-    return EX_UNAVAILABLE
+        return _failed(f"SYNC_DATABASE_URL: the server refused: {refused}", EX_CONFIG, log=log)
+    return _failed(line, EX_UNAVAILABLE, log=log)
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -170,6 +196,8 @@ def _inspect_users_table(settings: Settings) -> dict[str, Any]:
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
+    if args.user is not None:
+        return _status_user(settings, args)
     from daemon import overview, schema
     from daemon.app import instance_name
     from daemon.database import utcnow
@@ -188,6 +216,70 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
         db.dispose()
     print(json.dumps(data, indent=2, default=str) if args.json else overview.render(data))
     return EX_OK
+
+
+def _status_user(settings: Settings, args: argparse.Namespace) -> int:
+    """One user's state, lease, attempts and retry record; 67 when it is not a user."""
+    from daemon import schema, userview
+    from daemon.database import utcnow
+
+    db = _with_database(settings)
+    now = utcnow()
+    try:
+        data = userview.collect(
+            db, schema.inspect_users(db.engine, settings), settings, args.user, now=now
+        )
+    finally:
+        db.dispose()
+    print(json.dumps(data, indent=2) if args.json else userview.render(data, now=now))
+    return EX_OK if data["in_users_table"] else EX_NOUSER
+
+
+def _retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Release users from backoff or quarantine; with --now, also force a cycle."""
+    from daemon import control, retry, schema
+    from daemon.app import EX_TEMPFAIL
+    from daemon.database import utcnow
+
+    if bool(args.users) == args.quarantined:
+        print("background-sync retry: name users (ID...) or --quarantined", file=sys.stderr)
+        return EX_USAGE
+    by, now = _operator(), utcnow()
+    db = _with_database(settings)
+    try:
+        if args.quarantined:
+            done = retry.release_quarantined(db, settings, by=by, now=now)
+        else:
+            users = schema.inspect_users(db.engine, settings)
+            done = retry.release(db, users, settings, args.users, by=by, now=now)
+        switches = control.read(db)
+        forced = args.now and not switches.paused
+        if forced:
+            control.request_force(db, by=by, now=now)
+    finally:
+        db.dispose()
+    print("\n".join(retry.report(done, quarantined=args.quarantined, now=args.now, forced=forced)))
+    logs.get_logger().info(
+        "users_retried",
+        by=by,
+        count=len(done.released),
+        leased=len(done.leased),
+        unknown=len(done.unknown),
+        quarantined=args.quarantined,
+    )
+    if args.now and switches.paused:
+        from daemon import overview
+
+        print(
+            f"background-sync: no cycle requested: every instance is "
+            f"{overview.pause_text(switches)}; the released users are taken after "
+            "`background-sync resume`",
+            file=sys.stderr,
+        )
+        return EX_PAUSED
+    if done.leased:
+        return EX_TEMPFAIL
+    return EX_NOUSER if done.unknown else EX_OK
 
 
 def _operator() -> str:
@@ -320,6 +412,7 @@ _COMMANDS = {
     "resume": _resume,
     "force": _force,
     "cleanup": _cleanup,
+    "retry": _retry,
 }
 
 
@@ -359,6 +452,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     status = sub.add_parser("status", parents=[env], help="recent runs, due and failing users")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--user",
+        metavar="ID",
+        default=None,
+        help="one user: state, lease, last attempts, next attempt, quarantine, retry "
+        "(exit 67 if ID is not in the users table)",
+    )
     sub.add_parser("pause", parents=[env], help="stop claiming users, on every instance")
     sub.add_parser("resume", parents=[env], help="undo pause")
     sub.add_parser("force", parents=[env], help="start a cycle now, on every instance")
@@ -372,8 +472,25 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds without heartbeat after which a run or instance counts as gone "
         "(at least SYNC_LEASE_SECONDS; live leases are never touched)",
     )
+    retry = sub.add_parser(
+        "retry",
+        parents=[env],
+        help="release users from backoff or quarantine",
+        description="Clear the backoff and quarantine of the named users (or of every\n"
+        "quarantined user): the next cycle claims them if their last_sync is stale.\n"
+        "A user being synced right now (live lease) is left alone. Who asked and when\n"
+        "is recorded, and shown by `status --user ID`.",
+        epilog=RETRY_EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    retry.add_argument("users", nargs="*", metavar="ID", help="user ids to release")
+    retry.add_argument("--quarantined", action="store_true", help="release every quarantined user")
+    retry.add_argument("--now", action="store_true", help="also request a cycle now, like `force`")
     seed = sub.add_parser("seed-demo", parents=[env], help="create and fill a demo users table")
     seed.add_argument("--users", type=int, default=25, help="how many users the table should hold")
+    from daemon import logview
+
+    logview.add_arguments(sub.add_parser("logs", help="print JSON log lines for people, filtered"))
     backend = sub.add_parser(
         "reference-backend", help="run the bundled backend that implements the contract"
     )
