@@ -122,10 +122,10 @@ class FreshnessCollector:
     """The latest freshness measurement, exposed as it is when Prometheus scrapes.
 
     Nothing is exposed before the first measurement: a fresh ratio of 0 that nobody
-    measured would page someone. `describe()` is empty on purpose: the registry would
-    otherwise refuse the gauge `background_sync_users` beside the counter
-    `background_sync_users_total`, whose base name it shares; they are distinct series in
-    the text format that /metrics serves.
+    measured would page someone. The rows of the table are `background_sync_table_users`:
+    `background_sync_users` would share its base name with the counter
+    `background_sync_users_total`, one family name in OpenMetrics. `describe()` is empty
+    because which series exist depends on whether a measurement has been taken.
     """
 
     def __init__(self) -> None:
@@ -139,7 +139,7 @@ class FreshnessCollector:
         f = self.latest
         if f is None:
             return
-        yield _gauge("background_sync_users", "Rows in the users table.", f.users)
+        yield _gauge("background_sync_table_users", "Rows in the users table.", f.users)
         if self.due is not None:
             yield _gauge(
                 "background_sync_users_due",

@@ -130,7 +130,7 @@ def test_a_prometheus_server_scrapes_the_daemon_and_answers_what_status_says(
         expected = {
             'background_sync_users_total{outcome="success"}': stats["users_succeeded"],
             'background_sync_users_total{outcome="failed"}': stats["users_failed"],
-            "background_sync_users": freshness["users"],
+            "background_sync_table_users": freshness["users"],
             f'background_sync_health{{state="{status["health"]}"}}': 1.0,
             "sum(background_sync_health)": 1.0,
             'background_sync_circuit_state{state="closed"}': 1.0,

@@ -199,7 +199,7 @@ def measured(**fields: object) -> Freshness:
 def test_nothing_about_freshness_is_exposed_before_it_is_measured() -> None:
     text = generate_latest(Metrics().registry).decode()
     assert "background_sync_fresh_ratio" not in text
-    assert "background_sync_users " not in text
+    assert "background_sync_table_users " not in text
 
 
 def test_freshness_gauges_show_the_measurement_as_it_is() -> None:
@@ -209,7 +209,7 @@ def test_freshness_gauges_show_the_measurement_as_it_is() -> None:
     assert {
         name: value(metrics, f"background_sync_{name}")
         for name in (
-            "users",
+            "table_users",
             "users_due",
             "users_overdue",
             "users_never_synced",
@@ -221,7 +221,7 @@ def test_freshness_gauges_show_the_measurement_as_it_is() -> None:
             "freshness_measured_timestamp_seconds",
         )
     } == {
-        "users": 1000,
+        "table_users": 1000,
         "users_due": 7,
         "users_overdue": 10,
         "users_never_synced": 4,
