@@ -12,12 +12,14 @@ import os
 import re
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
 
+from daemon import freshness
 from daemon.metrics import Metrics
 
 MONITORING = Path(__file__).resolve().parents[2] / "docs" / "monitoring"
@@ -95,8 +97,27 @@ def dashboard_queries() -> list[str]:
 
 
 def exposed_names() -> set[str]:
-    """Family and sample names in the exposition of a freshly made Metrics()."""
-    text = generate_latest(Metrics().registry).decode()
+    """Family and sample names that /metrics serves once freshness has been measured."""
+    metrics = Metrics()
+    # Freshness is exposed from the first measurement on (none before: a ratio of 0 that
+    # nobody measured would page someone).
+    if hasattr(metrics, "show_freshness"):
+        staleness = tuple(range(1, len(freshness.BUCKETS_S) + 1))
+        measured = freshness.Freshness(
+            measured_at=datetime(2026, 12, 1, tzinfo=UTC),
+            target_s=3900.0,
+            objective=0.99,
+            users=12,
+            fresh=10,
+            never_synced=1,
+            quarantined=1,
+            oldest_overdue_s=4000.0,
+            staleness=staleness,
+        )
+        metrics.show_freshness(measured)
+    if hasattr(metrics, "show_due"):
+        metrics.show_due(2)
+    text = generate_latest(metrics.registry).decode()
     names = {m.group(1) for m in re.finditer(r"^# TYPE (\S+) ", text, re.MULTILINE)}
     names |= {m.group(1) for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", text, re.MULTILINE)}
     return names
