@@ -7,7 +7,7 @@ while and off again through its control API, and samples once a second:
 - from the database itself, the share of users whose last_sync is within the freshness
   target and the number overdue (never-synced users count as overdue), so the picture
   shows what the users table says, whatever the daemon reports;
-- from the daemon's /status, its health state.
+- from the daemon's /status, its health state and the fresh ratio it last measured.
 
 It writes a PNG (docs/monitoring/freshness.png by default) and the samples as CSV next
 to it. Run by hand, never by the test suite; matplotlib is a bench extra
@@ -51,6 +51,7 @@ class Sample:
     users: int
     fresh: int
     health: str
+    reported: float | None  # the fresh ratio of the daemon's last measurement (/status)
 
     @property
     def fresh_ratio(self) -> float:
@@ -125,15 +126,14 @@ def wait_for(what: str, check: Any, timeout: float = START_SECONDS) -> Any:
     raise SystemExit(f"gave up waiting for {what}")
 
 
-def spread_last_sync(db: Path, stale_after: float) -> int:
-    """Give every user a last_sync spread over the last `stale_after` seconds (all fresh,
+def spread_last_sync(db: Path, spread_s: float) -> int:
+    """Give every user a last_sync spread over the last `spread_s` seconds (all fresh,
     coming due steadily), in the naive-UTC form SQLAlchemy writes."""
     now = datetime.now(UTC).replace(tzinfo=None)
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         ids = [row[0] for row in conn.execute("SELECT id FROM users")]
         rows = [
-            ((now - timedelta(seconds=random.uniform(0, stale_after))).isoformat(" "), i)
-            for i in ids
+            ((now - timedelta(seconds=random.uniform(0, spread_s))).isoformat(" "), i) for i in ids
         ]
         conn.executemany("UPDATE users SET last_sync = ? WHERE id = ?", rows)
     return len(ids)
@@ -149,11 +149,15 @@ def measure(db: Path, target_s: float) -> tuple[int, int]:
     return len(values), fresh
 
 
-def health_of(status_url: str) -> str:
+def daemon_view(status_url: str) -> tuple[str, float | None]:
+    """The daemon's health, and the fresh ratio it last measured (None if it shows none)."""
     try:
-        return str(http(status_url)["health"])
-    except (OSError, ValueError, KeyError):
-        return "unknown"
+        status = http(status_url)
+    except (OSError, ValueError):
+        return "unknown", None
+    measured = status.get("freshness") or {}
+    ratio = measured.get("fresh_ratio")
+    return str(status.get("health", "unknown")), None if ratio is None else float(ratio)
 
 
 def record(args: argparse.Namespace, work: Path) -> tuple[list[Sample], float, float]:
@@ -178,7 +182,8 @@ def record(args: argparse.Namespace, work: Path) -> tuple[list[Sample], float, f
     python = sys.executable
     run([python, "-m", "daemon", "migrate"], env)
     run([python, "-m", "daemon", "seed-demo", "--users", str(args.users)], env)
-    spread_last_sync(db, args.stale_after)
+    # Not quite up to stale-after: the daemon takes a few seconds to start.
+    spread_last_sync(db, max(0.0, args.stale_after - 10))
 
     backend_log = work / "backend.log"
     backend_args = [python, "-m", "daemon", "reference-backend", "--port", "0"]
@@ -198,19 +203,20 @@ def record(args: argparse.Namespace, work: Path) -> tuple[list[Sample], float, f
             fault_off = args.healthy + args.fault
             end = fault_off + args.recovery
             samples: list[Sample] = []
-            faulted = False
+            phase = "before"  # then "failing", then "after": each switch happens once
             next_at = time.monotonic() - started
             while (t := time.monotonic() - started) < end:
                 if daemon.poll() is not None:
                     raise SystemExit(f"the daemon exited with {daemon.returncode}: see {work}")
-                if not faulted and t >= fault_on:
+                if phase == "before" and t >= fault_on:
                     http(f"{base}/_control/faults", method="PUT", body=json.loads(args.faults))
-                    faulted = True
-                if faulted and t >= fault_off:
+                    phase = "failing"
+                if phase == "failing" and t >= fault_off:
                     http(f"{base}/_control/faults", method="PUT", body={"seed": 1})
-                    faulted = False
+                    phase = "after"
                 users, fresh = measure(db, target_s)
-                samples.append(Sample(round(t, 2), users, fresh, health_of(status_url)))
+                health, reported = daemon_view(status_url)
+                samples.append(Sample(round(t, 2), users, fresh, health, reported))
                 next_at += 1.0
                 time.sleep(max(0.0, next_at - (time.monotonic() - started)))
     return samples, fault_on, fault_off
@@ -248,6 +254,17 @@ def plot(
             label="daemon not healthy (/status)",
         )
     ax.plot(t, [s.fresh_ratio for s in samples], color="tab:blue", lw=2, label="fresh ratio")
+    if any(s.reported is not None for s in samples):
+        reported = [float("nan") if s.reported is None else s.reported for s in samples]
+        ax.plot(
+            t,
+            reported,
+            color="black",
+            lw=0.8,
+            ls=":",
+            drawstyle="steps-post",
+            label="fresh ratio the daemon measured (once per cycle)",
+        )
     ax.axhline(
         args.objective, color="tab:green", ls="--", lw=1, label=f"objective {args.objective:g}"
     )
@@ -313,9 +330,10 @@ def main() -> None:
     plot(samples, fault_on, fault_off, args)
     with args.output.with_suffix(".csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["t_s", "users", "fresh", "overdue", "fresh_ratio", "health"])
+        writer.writerow(["t_s", "users", "fresh", "overdue", "fresh_ratio", "health", "reported"])
         for s in samples:
-            writer.writerow([s.t, s.users, s.fresh, s.overdue, f"{s.fresh_ratio:.4f}", s.health])
+            ratio = f"{s.fresh_ratio:.4f}"
+            writer.writerow([s.t, s.users, s.fresh, s.overdue, ratio, s.health, s.reported])
     low = min(samples, key=lambda s: s.fresh_ratio)
     back = next((s for s in samples if s.t > fault_off and s.fresh_ratio >= args.objective), None)
     print(f"wrote {args.output} ({len(samples)} samples)")
