@@ -7,6 +7,7 @@ package; CI installs it), the dashboard's queries are valid PromQL, and every
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -96,34 +97,34 @@ def dashboard_queries() -> list[str]:
     return [t["expr"] for p in panels(dashboard()) for t in p.get("targets", [])]
 
 
-def exposed_names() -> set[str]:
+@functools.cache
+def exposed_names() -> frozenset[str]:
     """Family and sample names that /metrics serves once freshness has been measured."""
     metrics = Metrics()
     # Freshness is exposed from the first measurement on (none before: a ratio of 0 that
     # nobody measured would page someone).
-    if hasattr(metrics, "show_freshness"):
-        staleness = tuple(range(1, len(freshness.BUCKETS_S) + 1))
-        measured = freshness.Freshness(
-            measured_at=datetime(2026, 12, 1, tzinfo=UTC),
-            target_s=3900.0,
-            objective=0.99,
-            users=12,
-            fresh=10,
-            never_synced=1,
-            quarantined=1,
-            oldest_overdue_s=4000.0,
-            staleness=staleness,
-        )
-        metrics.show_freshness(measured)
-    if hasattr(metrics, "show_due"):
+    staleness = tuple(range(1, len(freshness.BUCKETS_S) + 1))
+    measured = freshness.Freshness(
+        measured_at=datetime(2026, 12, 1, tzinfo=UTC),
+        target_s=3900.0,
+        objective=0.99,
+        users=12,
+        fresh=10,
+        never_synced=1,
+        quarantined=1,
+        oldest_overdue_s=4000.0,
+        staleness=staleness,
+    )
+    metrics.show_freshness(measured)
+    if hasattr(metrics, "show_due"):  # users due, counted with each measurement
         metrics.show_due(2)
     text = generate_latest(metrics.registry).decode()
     names = {m.group(1) for m in re.finditer(r"^# TYPE (\S+) ", text, re.MULTILINE)}
     names |= {m.group(1) for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", text, re.MULTILINE)}
-    return names
+    return frozenset(names)
 
 
-def is_exposed(name: str, names: set[str]) -> bool:
+def is_exposed(name: str, names: frozenset[str]) -> bool:
     return name in names or any(
         name.endswith(s) and name.removesuffix(s) in names for s in SUFFIXES
     )
