@@ -45,7 +45,7 @@ SPECIFIED = frozenset(
         "background_sync_backend_requests_in_flight",
         "background_sync_backend_credentials_rejected",
         "background_sync_circuit_state",
-        "background_sync_users",
+        "background_sync_table_users",
         "background_sync_users_due",
         "background_sync_users_overdue",
         "background_sync_users_never_synced",
