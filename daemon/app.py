@@ -65,6 +65,9 @@ STARTUP_DATABASE_WAIT_SECONDS = 60.0
 DATABASE_RETRY_SECONDS = 30.0
 LOOP_WAKE_SECONDS = 1.0
 CONTROL_POLL_SECONDS = control.POLL_SECONDS
+# Without cycles (paused, circuit open, database retrying) freshness is still measured
+# once an interval, at most this often, so the views and alerts never show a frozen share.
+FRESHNESS_MIN_EVERY_SECONDS = 10.0
 # A clean stop says so in the instance row; a database that does not answer in this
 # long is not waited for (the row then ages into "lost" in `status`).
 STOPPED_MARK_SECONDS = 3.0
@@ -363,6 +366,7 @@ class App:
         if self._notifier.watchdog_interval is not None:
             side_tasks.start("watchdog", self._watchdog_loop)
         side_tasks.start("control", self._control_loop)
+        side_tasks.start("freshness", self._freshness_loop)
         self._notifier.ready(self.status_line())
         self._log.info(
             "daemon_ready",
@@ -461,6 +465,17 @@ class App:
             self._schema_refused(report.schema_error)
             return
         self._track_database(report)
+
+    async def _freshness_loop(self) -> None:
+        """Measure when no cycle has for an interval: the share keeps moving while paused."""
+        while True:
+            every = max(self.settings.interval_seconds, FRESHNESS_MIN_EVERY_SECONDS)
+            await asyncio.sleep(every)
+            latest = self._health.freshness.latest
+            since = None if latest is None else self._clock.now() - latest.measured_at
+            stale = since is None or not 0 <= since.total_seconds() < every  # or stepped back
+            if self._cycles.running is None and stale:
+                await self.measure_freshness(after_a_cycle=False)
 
     async def measure_freshness(self, *, after_a_cycle: bool) -> None:
         """Measure how fresh the users are (once per cycle and at start-up).
