@@ -27,6 +27,7 @@ from aiohttp import web
 from daemon import control, dberrors, envfile, health, logs, overview, schema, statusweb
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
+from daemon.concurrency import Concurrency
 from daemon.cycle import Clock, DbRunner
 from daemon.cycles import Cycles
 from daemon.database import SCHEMA_REVISION, Database, current_revision, engine_for, sqlite_file
@@ -104,6 +105,11 @@ class App:
         self._control = control.Poll(self._log, started_at=self._clock.now())
         self._cycles = Cycles(self, self._log)
         self._backend = BackendSessions(self._make_gate(settings))
+        self.concurrency = Concurrency(
+            settings,
+            on_change=lambda limiter, change: self.metrics.show_concurrency(limiter, change.reason),
+        )
+        self.metrics.show_concurrency(self.concurrency.limiter)
         self._state = "starting"
 
     # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
@@ -540,6 +546,7 @@ class App:
             reset_seconds=fresh.circuit_reset_seconds,
             max_per_second=fresh.max_requests_per_second,
         )
+        self.concurrency.configure(fresh)
         if self._backend.client is not None:
             # A running cycle keeps the old client; the session closes after it ends.
             self._backend.open(fresh)
@@ -584,7 +591,10 @@ class App:
         if self._state in ("stopping", "starting"):
             return self._state
         if cycle is not None:
-            return cycle.progress.status_line()
+            line = cycle.progress.status_line()
+            if self.concurrency.limit < self.settings.concurrency:
+                line += f", concurrency {self.concurrency.limit} of {self.settings.concurrency}"
+            return line
         next_in = round(self._cycles.seconds_until_next() or 0)
         line = f"idle, next cycle in {next_in} s"
         last = self._cycles.last_report
@@ -638,5 +648,6 @@ class App:
             },
             "last_cycle": dataclasses.asdict(last) if last else None,
             "next_cycle_in_s": self._cycles.seconds_until_next(),
+            "concurrency": self.concurrency.as_dict(),
             "settings": self.settings.redacted(),
         }
