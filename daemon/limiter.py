@@ -30,9 +30,9 @@ from dataclasses import dataclass
 INITIAL_LIMIT = 3  # Envoy's min_concurrency while it measures the minRTT
 BACKOFF = 0.9  # Netflix AIMDLimit's default backoffRatio
 MAX_GRADIENT_CUT = 0.5  # Gradient2Limit never cuts below half in one step
-LATENCY_TOLERANCE = 1.25  # Envoy's default minRTT buffer: 25 %
+LATENCY_TOLERANCE = 1.3  # Envoy adds a 25 % buffer to its minRTT; see architecture.md
 DROP_TOLERANCE = 0.05  # a window counts as dropped when more than 5 % of its calls did
-WINDOW_MIN_CALLS = 10  # Netflix WindowedLimit's minimum window size
+WINDOW_MIN_CALLS = 20  # twice Netflix WindowedLimit's minimum window size of 10
 WINDOW_SECONDS = 5.0  # a slow backend's window closes after this long with 3 calls
 WINDOW_MIN_CALLS_TIMED = 3
 BASELINE_WINDOWS = 30
