@@ -3,22 +3,26 @@
 Pure: no I/O, no clock of its own (every sample carries its times), so the rule can be
 tested with synthetic samples. The rule (docs/architecture.md, "Adaptive concurrency"):
 
+- A window is at least WINDOW_MIN_CALLS completed calls and twice the limit (or, for a
+  slow backend, WINDOW_SECONDS with at least 3 calls). Calls started before the limit
+  last changed ran under the old limit and are not counted.
 - The limit starts low (Envoy's gradient controller measures its minRTT at a
-  concurrency of 3) and doubles per clean window until the first sign of congestion,
-  then grows by one per clean window (AIMD), but only while it is in use: a window in
-  which fewer calls than the limit were ever in flight at once says nothing about
-  whether more would fit (Netflix's AIMDLimit and Gradient2Limit do not grow when
-  "app limited" either).
-- Drops (429, 503, timeouts, connection errors; a call that needed a retry) cut it by
-  BACKOFF, AIMDLimit's default backoff ratio.
+  concurrency of 3) and doubles per clean window until the first cut; after that it
+  grows by the square root of the limit per clean window (Envoy's headroom), but only
+  while it is in use: a window in which fewer calls than the limit were ever in flight
+  at once says nothing about whether more would fit (Netflix's AIMDLimit and
+  Gradient2Limit do not grow when "app limited" either).
+- Drops (429, 503, timeouts, connection errors; a call that needed a retry) in more than
+  DROP_TOLERANCE of a window's calls cut it by BACKOFF, AIMDLimit's default backoff
+  ratio.
 - A window whose median latency is above LATENCY_TOLERANCE times the baseline counts
-  as a drop; the cut then follows the latency gradient (baseline / median, as Envoy's
-  and Gradient2's gradient), bounded to [0.5, BACKOFF]: a limit far above the backend's
-  capacity comes down in one or two windows, and lands where its queue is gone, so the
-  next windows measure the unloaded latency again.
+  as a drop; the cut then follows the latency gradient (baseline / median, as in
+  Envoy's and Gradient2's gradient), bounded to [0.5, BACKOFF]: a limit far above the
+  backend's capacity comes down in one or two windows, and lands where the queue is
+  gone, so the windows after it measure the unloaded latency again.
 - The baseline is the lowest window median of the last BASELINE_WINDOWS windows: it
-  follows a backend that became slower for good after that many windows, the way
-  Envoy recalculates its minRTT periodically.
+  follows a backend that became slower for good after that many windows, as Envoy
+  recalculates its minRTT periodically.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 INITIAL_LIMIT = 3  # Envoy's min_concurrency while it measures the minRTT
 BACKOFF = 0.9  # Netflix AIMDLimit's default backoffRatio
 MAX_GRADIENT_CUT = 0.5  # Gradient2Limit never cuts below half in one step
-LATENCY_TOLERANCE = 1.3  # Envoy adds a 25 % buffer to its minRTT; see architecture.md
+LATENCY_TOLERANCE = 1.5  # the latency target itself; see architecture.md for why
 DROP_TOLERANCE = 0.05  # a window counts as dropped when more than 5 % of its calls did
 WINDOW_MIN_CALLS = 20  # twice Netflix WindowedLimit's minimum window size of 10
 WINDOW_SECONDS = 5.0  # a slow backend's window closes after this long with 3 calls
@@ -103,7 +107,7 @@ class Limiter:
         latency_counts: bool = True,
     ) -> Change | None:
         """One completed call: it started and finished at these monotonic times, with
-        `in_flight` calls out (itself included). A call started before the last decision
+        `in_flight` calls out (itself included). A call started before the last change
         ran under the old limit and is not counted; nor is the latency of a call whose
         duration is not one round trip (`latency_counts` False: it was retried)."""
         if not self.adaptive or started < self._changed_at:
@@ -152,7 +156,8 @@ class Limiter:
             factor = max(MAX_GRADIENT_CUT, min(BACKOFF, baseline / median))
             return self._move(min(limit - 1, math.floor(limit * factor)), LATENCY)
         if w.most_in_flight >= limit:
-            return self._move(limit * 2 if self._slow_start else limit + 1, GROWTH)
+            step = limit if self._slow_start else math.isqrt(limit)  # Envoy's headroom
+            return self._move(limit + step, GROWTH)
         return None
 
     def _move(self, wanted: int, reason: str) -> Change | None:
