@@ -12,15 +12,21 @@ import asyncio
 from pathlib import Path
 from statistics import median
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from daemon import demo
+from daemon import settings as settings_module
+from daemon.app import EX_OK, App
 from daemon.backend import BackendClient
 from daemon.concurrency import Concurrency
 from daemon.cycle import Cycle, DbRunner
-from daemon.limiter import INITIAL_LIMIT
+from daemon.database import make_engine, migrate
+from daemon.limiter import INITIAL_LIMIT, REASONS
 from daemon.settings import Settings
 from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
+from tests.waiting import wait_until_async
 
 USERS = 40  # calls per cycle
 # Long enough that the test's own event loop (the backend runs in it too) adds little.
@@ -141,3 +147,66 @@ def _watching(concurrency: Concurrency, seen: list[int]):  # type: ignore[no-unt
         return original(**kwargs)
 
     return sample
+
+
+async def test_the_limit_its_reason_and_the_baseline_are_in_status_metrics_and_logs(
+    tmp_path: Path, backend: ReferenceBackend
+) -> None:
+    """A daemon against a backend of capacity 2: the limit comes down from its slow start,
+    and every view shows the same limit; each change is logged once, not each call."""
+    await backend.faults(latency_ms=LATENCY_MS, capacity=2, queue_limit=4)
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    settings = settings_module.load(
+        {
+            "SYNC_DATABASE_URL": url,
+            "SYNC_BACKEND_URL": backend.url,
+            "SYNC_STATUS_ADDRESS": "127.0.0.1:0",
+            "SYNC_JITTER_SECONDS": "0",
+            "SYNC_RETRY_DELAY_SECONDS": "0.01",
+            "SYNC_INTERVAL_SECONDS": "3600",
+            "SYNC_CONCURRENCY": "16",
+            "SYNC_LOG_FORMAT": "json",
+        }
+    )
+    engine = make_engine(url)
+    migrate(engine)
+    demo.seed(engine, settings, 120)
+    engine.dispose()
+    daemon = App(settings)
+    lines: list[str] = []
+    with capture_logs() as logs:
+        running = asyncio.create_task(daemon.run_forever())
+
+        def cut_while_syncing() -> bool:
+            if daemon.snapshot()["cycle"] is not None:
+                lines.append(daemon.status_line())
+            return any(
+                e["event"] == "concurrency_limit_changed" and e["new"] < e["old"] for e in logs
+            )
+
+        await wait_until_async(cut_while_syncing, what="a cut of the limit")
+        await wait_until_async(
+            lambda: daemon.snapshot()["statistics"]["cycles_total"] == 1, what="one cycle"
+        )
+        (started,) = [e for e in logs if e["event"] == "status_server_started"]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{started['address']}/status") as response,
+        ):
+            page = await response.json()
+        daemon.stop("test")
+        assert await running == EX_OK
+    shown = page["concurrency"]
+    assert shown["adaptive"] is True and (shown["minimum"], shown["maximum"]) == (1, 16)
+    assert 1 <= shown["limit"] < 16 and shown["reason"] in ("drops", "latency", "growth")
+    assert shown["baseline_s"] >= LATENCY_MS / 1000
+    metrics = daemon.metrics
+    assert metrics.concurrency_limit._value.get() == shown["limit"]
+    assert metrics.concurrency_max._value.get() == 16
+    assert metrics.latency_baseline._value.get() >= LATENCY_MS / 1000
+    changes = [e for e in logs if e["event"] == "concurrency_limit_changed"]
+    counted = sum(metrics.limit_changes.labels(r)._value.get() for r in REASONS)
+    assert counted == len(changes) and 0 < len(changes) < 120 / 10
+    assert changes[-1]["new"] == shown["limit"] and changes[-1]["reason"] == shown["reason"]
+    assert all({"old", "new", "reason", "baseline_ms"} <= set(e) for e in changes)
+    assert any(", concurrency " in line and " of 16" in line for line in lines), lines[-3:]
