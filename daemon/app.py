@@ -547,6 +547,7 @@ class App:
             max_per_second=fresh.max_requests_per_second,
         )
         self.concurrency.configure(fresh)
+        self.metrics.show_concurrency(self.concurrency.limiter)  # the maximum may change
         if self._backend.client is not None:
             # A running cycle keeps the old client; the session closes after it ends.
             self._backend.open(fresh)
