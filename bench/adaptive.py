@@ -243,7 +243,37 @@ def plot(run: Run, figures: list[Figures], path: Path, maximum: int) -> None:
     plt.close(fig)
 
 
-def markdown(run: Run, figures: list[Figures], follow: list[str], args: argparse.Namespace) -> str:
+def compared(runs: dict[int, list[Figures]], unloaded_s: float) -> list[str]:
+    """Fixed limits over the same schedule: what the adaptive limit is measured against."""
+    if not runs:
+        return []
+    lines = [
+        "",
+        "The same schedule with a fixed limit (`SYNC_ADAPTIVE_CONCURRENCY=false`), for "
+        "comparison: the limit counts calls in flight at the daemon, and part of each "
+        "call's time is spent outside the backend's slot (the client, the loopback, the "
+        "daemon's own loop), so the limit that keeps every slot busy is above the capacity.",
+        "",
+        "| fixed limit | phase | capacity | median latency | throughput |",
+        "|---|---|---|---|---|",
+    ]
+    for limit, figures in runs.items():
+        for f in figures:
+            lines.append(
+                f"| {limit} | {f.phase.name} | {f.phase.capacity} | "
+                f"{f.latency_median_s * 1000:.0f} ms ({f.latency_median_s / unloaded_s:.2f}x) | "
+                f"{f.throughput:.0f}/s ({f.throughput / f.capacity_throughput:.0%}) |"
+            )
+    return lines
+
+
+def markdown(
+    run: Run,
+    figures: list[Figures],
+    follow: list[str],
+    args: argparse.Namespace,
+    comparison: list[str],
+) -> str:
     rows = []
     for f in figures:
         ratio = f.latency_median_s / run.unloaded_s
@@ -288,6 +318,7 @@ def markdown(run: Run, figures: list[Figures], follow: list[str], args: argparse
             f"{first.throughput / first.capacity_throughput:.0%} "
             f"({'met' if throughput_ok else 'not met'}) |",
             *follow,
+            *comparison,
             "",
             "![The adaptive limit against the backend's capacity](adaptive-concurrency.png)",
             "",
@@ -388,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--no-docs", action="store_true", help="print, write nothing")
     parser.add_argument(
-        "--fixed", type=int, default=0, help="compare: a fixed limit of this many (no docs)"
+        "--fixed", type=int, default=0, help="only a fixed limit of this many (no docs)"
+    )
+    parser.add_argument(
+        "--compare", type=int, nargs="*", default=[], help="also run these fixed limits"
     )
     args = parser.parse_args(argv)
     if not args.users:
@@ -418,7 +452,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {what} | {seconds:.1f} s, {changes} change(s), {calls} calls "
                 f"(about {windows:.1f} windows) |"
             )
-    text = markdown(run, figures, follow, args)
+    fixed_runs: dict[int, list[Figures]] = {}
+    for limit in args.compare:
+        fixed_args = argparse.Namespace(**{**vars(args), "fixed": limit})
+        with tempfile.TemporaryDirectory(prefix="bench-adaptive-") as tmp:
+            other = measure(fixed_args, Path(tmp))
+        other.unloaded_s = run.unloaded_s  # one yardstick for every run
+        fixed_runs[limit] = [phase_figures(other, p, args.settle_share) for p in other.phases]
+    text = markdown(run, figures, follow, args, compared(fixed_runs, run.unloaded_s))
     print(text)
     if not args.no_docs and not args.fixed:
         plot(run, figures, args.docs / "adaptive-concurrency.png", args.maximum)
