@@ -252,7 +252,8 @@ def compared(runs: dict[int, list[Figures]], unloaded_s: float) -> list[str]:
         "The same schedule with a fixed limit (`SYNC_ADAPTIVE_CONCURRENCY=false`), for "
         "comparison: the limit counts calls in flight at the daemon, and part of each "
         "call's time is spent outside the backend's slot (the client, the loopback, the "
-        "daemon's own loop), so the limit that keeps every slot busy is above the capacity.",
+        "daemon's own loop), so a limit equal to the capacity leaves slots idle part of "
+        "the time; the adaptive limit settles above it, where latency says stop.",
         "",
         "| fixed limit | phase | capacity | median latency | throughput |",
         "|---|---|---|---|---|",
