@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from sqlalchemy import MetaData, Table, create_engine, select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
@@ -72,9 +73,23 @@ def postgres_url(postgres_database: str) -> Iterator[str]:
     with engine.connect() as conn:
         conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
     yield f"{postgres_database}?options=-csearch_path%3D{schema}"
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    _drop_schema(engine, schema)
     engine.dispose()
+
+
+def _drop_schema(engine: Engine, schema: str) -> None:
+    """Drop a test's schema; the session of a process killed with -9 may still hold a
+    lock for a moment (a deadlock or lock timeout then), so try again a few times."""
+    for attempt in range(5):
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SET lock_timeout = '10s'")
+                conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+            return
+        except OperationalError:
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
 
 
 @dataclass
