@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import control, dberrors, envfile, health, logs, overview, schema, statusweb
+from daemon import control, dberrors, envfile, health, logs, overview, schema, statusweb, thresholds
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
 from daemon.cycle import Clock, DbRunner
@@ -420,6 +420,8 @@ class App:
                 circuit=self.gate.state.value,
                 status=self.status_line(),
                 bound_s=self.settings.lease_seconds,
+                settings=thresholds.dump(self.settings, self._live()),
+                health=self.health().state.value,
             )
         except StoreError as exc:
             if self._health.database_down_since is None:
@@ -428,6 +430,16 @@ class App:
             return
         self._note_database(True)
         self._apply_control(switches)
+
+    def _live(self) -> thresholds.Live:
+        """The moment's facts `status` shows beside the thresholds (the instance row)."""
+        cycle = self._cycles.running
+        return thresholds.Live(
+            in_flight=cycle.in_flight if cycle is not None else 0,
+            run_id=cycle.run_id if cycle is not None else None,
+            next_cycle_in_s=None if cycle is not None else self._cycles.seconds_until_next(),
+            probe_in_s=self.gate.probe_in(),
+        )
 
     def _apply_control(self, row: control.Control) -> None:
         forced = self.switches.apply(row)

@@ -134,11 +134,14 @@ def report_instance(
     state: str,
     circuit: str,
     status: str,
+    settings: str | None = None,
+    health: str | None = None,
 ) -> Control:
     """Refresh this instance's row and read the control row, in one short transaction.
 
     The heartbeat is the database's time (`cleanup` compares it with that); `now` is
-    not used.
+    not used. `settings` (JSON, see daemon.thresholds) and `health` are what `status`
+    judges by.
     """
     values: dict[str, Any] = {
         "heartbeat_at": dbclock.now(db.dialect),
@@ -146,6 +149,10 @@ def report_instance(
         "circuit": circuit,
         "status": status[:255],
     }
+    if settings is not None:
+        values["settings"] = settings
+    if health is not None:
+        values["health"] = health[:16]
 
     def unit(session: Session) -> Control:
         updated = session.execute(
@@ -293,6 +300,8 @@ class Poll:
         circuit: str,
         status: str,
         bound_s: float,
+        settings: str | None = None,
+        health: str | None = None,
     ) -> Control:
         """Publish this instance's row and read the control row (StoreError if it fails)."""
         with self.watch.bounded(bound_s, "database control poll"):
@@ -305,4 +314,6 @@ class Poll:
                 state=state,
                 circuit=circuit,
                 status=status,
+                settings=settings,
+                health=health,
             )
