@@ -439,6 +439,7 @@ class App:
             run_id=cycle.run_id if cycle is not None else None,
             next_cycle_in_s=None if cycle is not None else self._cycles.seconds_until_next(),
             probe_in_s=self.gate.probe_in(),
+            health_reasons=self.health().reasons,
         )
 
     def _apply_control(self, row: control.Control) -> None:

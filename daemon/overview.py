@@ -158,6 +158,7 @@ def _instances(session: Session, db_now: datetime) -> list[dict[str, Any]]:
                 "heartbeat_at": _iso(r.heartbeat_at),
                 "version": r.version,
                 "settings": recorded,
+                "health_reasons": [str(r) for r in live.get("health_reasons") or []],
                 "in_flight": live.get("in_flight"),
                 "run_id": live.get("run_id"),
                 "next_cycle_at": _after(heartbeat, live.get("next_cycle_in_s")),
@@ -316,7 +317,9 @@ def _next(data: dict[str, Any], db_now: datetime) -> dict[str, Any]:
         if inst["live"]
     ]
     attempts = [
-        u["next_attempt_at"] for u in data["failing"]["users"] if u["next_attempt_at"] is not None
+        u["next_attempt_at"]
+        for u in data["failing"]["users"]
+        if u["next_attempt_at"] is not None and (u["next_attempt_in_s"] or 0) > 0
     ]
     return {"instances": per_instance, "next_attempt_at": min(attempts) if attempts else None}
 
@@ -336,7 +339,8 @@ def verdict(data: dict[str, Any]) -> Verdict:
         if state not in STATES:  # "stopped": shutting down, nothing to judge yet
             state = "warning"
         if state != "healthy":
-            found.append((state, f"{inst['instance']}: {inst['status']}"))
+            why = "; ".join(inst["health_reasons"]) or inst["status"]
+            found.append((state, f"{inst['instance']}: {why}"))
     if data["paused"]:
         found.append(("paused", f"paused by {data['paused_by'] or 'an operator'}"))
     if not found:
@@ -487,7 +491,7 @@ def _failed_lines(data: dict[str, Any], db_now: datetime, now: datetime) -> list
         return []
     lines += ["", "failed:"]
     for run in troubled:
-        why = run["error"] or run["outcome"]
+        why = run["error"] or _failed_users_text(run)
         lines.append(
             f"  last run of {run['instance']} {run['outcome']} "
             f"{_ago(run['finished_at'], now)}: {why}"
@@ -501,9 +505,23 @@ def _failed_lines(data: dict[str, Any], db_now: datetime, now: datetime) -> list
             mark = ", QUARANTINED" if user["quarantined"] else ""
             lines.append(
                 f"    {user['user_id']}: {user['consecutive_failures']} in a row{mark}, "
-                f"last {last or '-'}, next attempt {_ago(user['next_attempt_at'], db_now)}"
+                f"last {last or '-'}, {_next_attempt(user, db_now)}"
             )
     return lines
+
+
+def _failed_users_text(run: dict[str, Any]) -> str:
+    if run["outcome"] == "failed" and run["failed"]:
+        return f"{run['failed']} of {run['claimed']} claimed user(s) failed"
+    return run["outcome"]
+
+
+def _next_attempt(user: dict[str, Any], db_now: datetime) -> str:
+    """ "next attempt in 4 min", or, once the backoff is over, at the next cycle."""
+    wait = user["next_attempt_in_s"]
+    if wait is None or wait <= 0:
+        return "next attempt at the next cycle"
+    return f"next attempt {_ago(user['next_attempt_at'], db_now)}"
 
 
 def _next_lines(data: dict[str, Any], db_now: datetime) -> list[str]:
@@ -518,7 +536,8 @@ def _next_lines(data: dict[str, Any], db_now: datetime) -> list[str]:
             lines.append(f"  {inst['instance']}: {', '.join(parts)}")
     if data["next"]["next_attempt_at"] is not None:
         lines.append(
-            f"  first failing user's next attempt {_ago(data['next']['next_attempt_at'], db_now)}"
+            "  failing users: the first backoff ends "
+            f"{_ago(data['next']['next_attempt_at'], db_now)}"
         )
     return ["", "next:", *lines] if lines else []
 

@@ -51,6 +51,7 @@ class Live:
     run_id: str | None = None
     next_cycle_in_s: float | None = None
     probe_in_s: float | None = None
+    health_reasons: tuple[str, ...] = ()
 
 
 def dump(settings: Settings, live: Live) -> str:
@@ -63,6 +64,7 @@ def dump(settings: Settings, live: Live) -> str:
         "run_id": live.run_id,
         "next_cycle_in_s": _seconds(live.next_cycle_in_s),
         "probe_in_s": _seconds(live.probe_in_s),
+        "health_reasons": list(live.health_reasons),
     }
     return json.dumps(found, sort_keys=True)
 
