@@ -94,7 +94,7 @@ def collect(db: Database, store: Store, settings: Settings, *, now: datetime) ->
             "running": _running(session, found, now=now, db_now=db_now),
             "recent_runs": _recent_runs(session, now),
             "leases": _leases(session),
-            "failing": _failing(session, store, db_now, quarantine_after),
+            **_failing(session, store, db_now, quarantine_after),
             "users_claimed": session.execute(
                 select(func.count()).where(
                     user_state.c.lease_owner.is_not(None),
@@ -301,7 +301,7 @@ def _failing(
             }
         )
     total = session.execute(select(func.count()).where(s.consecutive_failures > 0)).scalar_one()
-    return {"total": total, "shown": len(users), "users": users}
+    return {"failing_users": users, "failing_users_total": total}
 
 
 def _next(data: dict[str, Any], db_now: datetime) -> dict[str, Any]:
@@ -318,7 +318,7 @@ def _next(data: dict[str, Any], db_now: datetime) -> dict[str, Any]:
     ]
     attempts = [
         u["next_attempt_at"]
-        for u in data["failing"]["users"]
+        for u in data["failing_users"]
         if u["next_attempt_at"] is not None and (u["next_attempt_in_s"] or 0) > 0
     ]
     return {"instances": per_instance, "next_attempt_at": min(attempts) if attempts else None}
@@ -458,7 +458,8 @@ def _instance_line(inst: dict[str, Any]) -> str:
             f"last said {inst['last_state']}: {inst['status']}"
         )
     health = inst["health"] or "healthy"
-    return f"{inst['state']}, {health}, circuit {inst['circuit']}, seen {age} ago: {inst['status']}"
+    shown = "" if health == "healthy" else f", {health.upper()}"
+    return f"{inst['state']}, circuit {inst['circuit']}{shown}, seen {age} ago: {inst['status']}"
 
 
 def _running_line(run: dict[str, Any]) -> str:
@@ -486,8 +487,8 @@ def _failed_lines(data: dict[str, Any], db_now: datetime, now: datetime) -> list
         if run["finished_at"] is not None:
             latest.setdefault(run["instance"], run)
     troubled = [run for run in latest.values() if run["outcome"] in _TROUBLED]
-    failing = data["failing"]
-    if not troubled and not failing["users"]:
+    failing = data["failing_users"]
+    if not troubled and not failing:
         return []
     lines += ["", "failed:"]
     for run in troubled:
@@ -496,11 +497,12 @@ def _failed_lines(data: dict[str, Any], db_now: datetime, now: datetime) -> list
             f"  last run of {run['instance']} {run['outcome']} "
             f"{_ago(run['finished_at'], now)}: {why}"
         )
-    if failing["users"]:
+    if failing:
         lines.append(
-            f"  failing users ({failing['shown']} of {failing['total']}, most failures first):"
+            f"  failing users ({len(failing)} of {data['failing_users_total']}, "
+            "most failures first):"
         )
-        for user in failing["users"]:
+        for user in failing:
             last = " ".join(str(part) for part in (user["last_status"], user["last_error"]) if part)
             mark = ", QUARANTINED" if user["quarantined"] else ""
             lines.append(
