@@ -24,7 +24,19 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import control, dberrors, envfile, health, logs, overview, schema, statusweb, thresholds
+from daemon import (
+    ages,
+    control,
+    dberrors,
+    envfile,
+    freshness,
+    health,
+    logs,
+    overview,
+    schema,
+    statusweb,
+    thresholds,
+)
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
 from daemon.cycle import Clock, DbRunner
@@ -251,6 +263,7 @@ class App:
                 database, users, instance=self.instance, lease_seconds=self.settings.lease_seconds
             )
             await self._advise_index(self._store)
+            await self.measure_freshness(after_a_cycle=False)
             self._backend.open(self.settings)
             if self.settings.status_address is not None:
                 status_runner, port = await statusweb.start(
@@ -457,6 +470,49 @@ class App:
             return
         self._track_database(report)
 
+    async def measure_freshness(self, *, after_a_cycle: bool) -> None:
+        """Measure how fresh the users are (once per cycle and at start-up).
+
+        A failed measurement keeps the last one: it is a view, and the cycle that just
+        ran reports database trouble on its own account.
+        """
+        s = self.settings
+        begin = time.monotonic()
+        try:
+            found = await self._db_runner(
+                self.store.freshness,
+                target_s=s.freshness_target_s,
+                objective=s.freshness_objective,
+                quarantine_after=s.quarantine_after,
+                now=self._clock.now(),
+                hint=self._health.freshness.latest,
+            )
+        except (StoreError, ConfigError) as exc:
+            self._log.warning("freshness_not_measured", error=str(exc))
+            return
+        crossed = self._health.freshness.record(found, after_a_cycle=after_a_cycle)
+        self.metrics.show_freshness(found)
+        self._log.info(
+            "freshness_measured",
+            fresh_ratio=round(found.fresh_ratio, 6),
+            users=found.users,
+            overdue=found.overdue,
+            never_synced=found.never_synced,
+            quarantined=found.quarantined,
+            oldest_overdue_s=None
+            if found.oldest_overdue_s is None
+            else round(found.oldest_overdue_s, 1),
+            duration_ms=round((time.monotonic() - begin) * 1000, 1),
+        )
+        if crossed is not None:
+            level = self._log.info if crossed == "freshness_objective_met" else self._log.warning
+            level(
+                crossed,
+                fresh_ratio=round(found.fresh_ratio, 6),
+                objective=found.objective,
+                overdue=found.overdue,
+            )
+
     def cycle_crashed(self, error: BaseException) -> None:
         """A bug, not a backend or database fault: let systemd restart a clean process."""
         self._log.error("cycle_crashed", error=repr(error), exc_info=error)
@@ -598,8 +654,10 @@ class App:
             return self._state
         if cycle is not None:
             return cycle.progress.status_line()
-        next_in = round(self._cycles.seconds_until_next() or 0)
-        line = f"idle, next cycle in {next_in} s"
+        next_in = ages.span(self._cycles.seconds_until_next() or 0)
+        measured = self._health.freshness.latest
+        fresh = f"{freshness.headline(measured)}, " if measured is not None else ""
+        line = f"idle, {fresh}next cycle in {next_in}"
         last = self._cycles.last_report
         if last is not None and last.failed:
             line += f", last cycle failed {last.failed}"
@@ -638,6 +696,9 @@ class App:
             "health": verdict.state.value,
             "health_reasons": list(verdict.reasons),
             "statistics": self._health.statistics(),
+            "freshness": None
+            if self._health.freshness.latest is None
+            else self._health.freshness.latest.as_dict(),
             "cycle": None
             if cycle is None
             else {

@@ -59,6 +59,7 @@ class CycleHost(Protocol):
     def switches(self) -> control.Switches: ...
 
     def after_cycle(self, report: Report) -> None: ...
+    async def measure_freshness(self, *, after_a_cycle: bool) -> None: ...
     def cycle_crashed(self, error: BaseException) -> None: ...
 
 
@@ -229,6 +230,8 @@ class Cycles:
             self.last_report = report
             self._carry = report.unrecorded
             host.after_cycle(report)  # still `running`: the host may read the cycle
+            if report.schema_error is None and not host.stop_event.is_set():
+                await host.measure_freshness(after_a_cycle=True)
             probe_in = host.gate.probe_in()
             stopping = host.stop_event.is_set()
             if probe_in is not None and not stopping and report.schema_error is None:

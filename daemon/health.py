@@ -28,10 +28,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from daemon import freshness as freshness_module
+from daemon.freshness import Freshness
 from daemon.logs import get_logger
 from daemon.values import Report
 
 FAILED_CYCLES_DEGRADED = 3
+# Below the freshness objective is a warning; degraded when the shortfall is this many
+# times the error budget (objective 99 %: below 95 %), or when the share has not risen
+# for this many measurements (cycles) in a row while below it.
+FRESHNESS_FAR_BELOW = 5.0
+FRESHNESS_FALLING_DEGRADED = 3
 # /health answers 200 in these states; a load balancer or monitor takes the rest as down.
 SERVING = frozenset({"healthy", "warning"})
 
@@ -60,6 +67,8 @@ class Facts:
     stalled_on: str | None = None
     consecutive_failed_cycles: int = 0
     last_error: str | None = None
+    freshness: Freshness | None = None
+    freshness_falling: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,10 +110,26 @@ def assess(facts: Facts) -> Health:
         why = f": {facts.last_error}" if facts.last_error else ""
         state = HealthState.DEGRADED if failed >= FAILED_CYCLES_DEGRADED else HealthState.WARNING
         found.append((state, f"{failed} cycle(s) in a row could not complete{why}"))
+    if facts.freshness is not None and not facts.freshness.meets_objective:
+        found.append(_freshness_verdict(facts.freshness, facts.freshness_falling))
     if not found:
         return Health(HealthState.HEALTHY)
     worst = max((state for state, _ in found), key=_ORDER.index)
     return Health(worst, tuple(reason for _, reason in found))
+
+
+def _freshness_verdict(found: Freshness, falling: int) -> tuple[HealthState, str]:
+    share = freshness_module.percent
+    budget = 1.0 - found.objective
+    far = (1.0 - found.fresh_ratio) >= FRESHNESS_FAR_BELOW * budget
+    long = falling >= FRESHNESS_FALLING_DEGRADED
+    reason = (
+        f"{share(found.fresh_ratio)} of users fresh, below the objective of "
+        f"{share(found.objective)} ({found.overdue} overdue)"
+    )
+    if long:
+        reason += f", not rising for {falling} cycles"
+    return (HealthState.DEGRADED if far or long else HealthState.WARNING), reason
 
 
 def cycle_failed(report: Report) -> bool:
@@ -163,6 +188,39 @@ class CycleStats:
         }
 
 
+@dataclass
+class FreshnessTrend:
+    """The latest freshness measurement and how it has moved.
+
+    The health judges freshness only once this process has run a cycle: what the table
+    looked like at start-up is the past's doing, and a restarted daemon must not call
+    itself degraded before it has had its chance. `falling` counts the measurements in
+    a row below the objective whose share did not rise.
+    """
+
+    latest: Freshness | None = None
+    falling: int = 0
+    after_a_cycle: bool = False
+
+    @property
+    def judged(self) -> Freshness | None:
+        return self.latest if self.after_a_cycle else None
+
+    def record(self, found: Freshness, *, after_a_cycle: bool) -> str | None:
+        """Note a measurement; the event to log when it crosses the objective, if any."""
+        previous = self.latest
+        self.latest = found
+        self.after_a_cycle = self.after_a_cycle or after_a_cycle
+        if found.meets_objective:
+            self.falling = 0
+            met_before = previous is None or previous.meets_objective
+            return None if met_before else "freshness_objective_met"
+        rising = previous is not None and found.fresh_ratio > previous.fresh_ratio
+        self.falling = 0 if rising else self.falling + 1
+        below_before = previous is not None and not previous.meets_objective
+        return None if below_before else "freshness_below_objective"
+
+
 class Tracker:
     """The facts the daemon learns over time, kept in one place: since when the database
     has been unavailable, a schema refused, the cycle statistics, the start time.
@@ -173,6 +231,7 @@ class Tracker:
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.stats = CycleStats()
+        self.freshness = FreshnessTrend()
         self.schema_problem: str | None = None
         self.database_down_since: float | None = None
         self._clock = clock
@@ -218,6 +277,8 @@ class Tracker:
             stalled_on=stalled_on,
             consecutive_failed_cycles=self.stats.consecutive_failures,
             last_error=self.stats.last_error,
+            freshness=self.freshness.judged,
+            freshness_falling=self.freshness.falling,
         )
 
     def statistics(self) -> dict[str, Any]:

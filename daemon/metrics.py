@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from daemon.freshness import Freshness
 from daemon.health import HealthState
 from daemon.values import Report
 
@@ -65,6 +66,27 @@ class Metrics:
             "When the last cycle without failures finished (Unix time).",
             registry=self.registry,
         )
+
+        self.fresh_ratio = Gauge(
+            "background_sync_fresh_ratio",
+            "Share of users synced within the freshness target (0 to 1).",
+            registry=self.registry,
+        )
+        self.users_overdue = Gauge(
+            "background_sync_users_overdue",
+            "Users not synced within the freshness target, never-synced ones included.",
+            registry=self.registry,
+        )
+        self.oldest_overdue = Gauge(
+            "background_sync_oldest_overdue_age_seconds",
+            "Age of the oldest overdue user's last_sync (0 when none is overdue).",
+            registry=self.registry,
+        )
+
+    def show_freshness(self, found: Freshness) -> None:
+        self.fresh_ratio.set(found.fresh_ratio)
+        self.users_overdue.set(found.overdue)
+        self.oldest_overdue.set(found.oldest_overdue_s or 0.0)
 
     def show_health(self, state: str) -> None:
         """One series per state, 1 for the current one (so alerts can match on the label)."""

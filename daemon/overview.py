@@ -27,7 +27,7 @@ from sqlalchemy import BigInteger, cast, desc, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from daemon import ages, control, dbclock, thresholds
+from daemon import ages, control, dbclock, freshness, thresholds
 from daemon.database import Database, aware
 from daemon.models import instances, runs, user_state
 from daemon.schema import IdKind
@@ -116,9 +116,7 @@ def collect(db: Database, store: Store, settings: Settings, *, now: datetime) ->
         "dialect": db.dialect,
         "users_table": store.users.qualified_name,
     }
-    # FRESHNESS: the headline (daemon.freshness) goes here, judged with the thresholds
-    # above, once Store.freshness exists in this build.
-    result["freshness"] = None
+    result["freshness"] = _freshness(store, result["thresholds"]["values"], settings, now)
     result["next"] = _next(result, db_now)
     result["generated_at"] = now.isoformat()
     result["database_now"] = db_now.isoformat()
@@ -129,6 +127,27 @@ def collect(db: Database, store: Store, settings: Settings, *, now: datetime) ->
         "reasons": list(found.reasons),
     }
     return result
+
+
+def _freshness(
+    store: Store, values: dict[str, Any], settings: Settings, now: datetime
+) -> dict[str, Any]:
+    """The headline, measured now with the thresholds `status` judges by.
+
+    An instance's recorded target is used as it is; without one, the default target
+    (stale after + interval) is built from the same instance's values.
+    """
+    stale = thresholds.number(values, "stale_after_seconds", settings.stale_after_seconds)
+    interval = thresholds.number(values, "interval_seconds", settings.interval_seconds)
+    found = store.freshness(
+        target_s=thresholds.number(values, "freshness_target_seconds", stale + interval),
+        objective=thresholds.number(values, "freshness_objective", settings.freshness_objective),
+        quarantine_after=int(
+            thresholds.number(values, "quarantine_after", settings.quarantine_after)
+        ),
+        now=now,
+    )
+    return found.as_dict()
 
 
 def _instances(session: Session, db_now: datetime) -> list[dict[str, Any]]:
@@ -381,10 +400,10 @@ def render(data: dict[str, Any]) -> str:
         head += ": " + "; ".join(verdict_["reasons"])
     database = data["database"]
     lines = [
+        _freshness_line(data),
         head,
         f"database: {database['url']}, users table {database['users_table']}",
     ]
-    lines.append(_freshness_line(data))
     lines.append(_thresholds_line(data["thresholds"]))
     if data["paused"]:
         lines.append(
@@ -424,9 +443,19 @@ def render(data: dict[str, Any]) -> str:
 
 
 def _freshness_line(data: dict[str, Any]) -> str:
-    if data.get("freshness") is None:
-        return "freshness: not measured by this version"
-    return f"freshness: {data['freshness']}"
+    """ "99.7 % fresh (objective 99 %), 3 overdue, oldest overdue 3 min, 2 quarantined"."""
+    found = data["freshness"]
+    line = (
+        f"{freshness.percent(found['fresh_ratio'])} fresh "
+        f"(objective {freshness.percent(found['objective'])}), {found['overdue']} overdue"
+    )
+    if found["never_synced"]:
+        line += f" ({found['never_synced']} never synced)"
+    if found["oldest_overdue_s"] is not None:
+        line += f", oldest overdue {ages.span(found['oldest_overdue_s'])}"
+    line += f", {found['quarantined']} quarantined"
+    line += f"; {found['users']} users, fresh = synced within {ages.span(found['target_s'])}"
+    return line
 
 
 def _thresholds_line(judge: dict[str, Any]) -> str:

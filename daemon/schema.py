@@ -81,6 +81,15 @@ class UsersTable:
     storage: Storage
 
     @property
+    def last_sync_indexed(self) -> bool:
+        """An index starts with last_sync: counts of a last_sync range read only the index."""
+        return any(
+            next(iter(index.columns)).name == self.last_sync_column
+            for index in self.table.indexes
+            if len(index.columns)
+        )
+
+    @property
     def qualified_name(self) -> str:
         return f"{self.table.schema}.{self.table.name}" if self.table.schema else self.table.name
 
@@ -122,6 +131,19 @@ class _SqliteTime(TypeDecorator[Any]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         return value
+
+
+def as_instant(value: Any, storage: Storage) -> datetime | None:
+    """A last_sync value as read from the table (in any storage) as a UTC instant."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, int | float):
+        seconds = value / 1000 if storage is Storage.UNIX_MILLISECONDS else value
+        return datetime.fromtimestamp(seconds, UTC)
+    parsed = datetime.fromisoformat(str(value))
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def inspect_users(engine: Engine, settings: Settings) -> UsersTable:

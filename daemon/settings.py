@@ -98,6 +98,21 @@ class Settings:
     database_outage_seconds: float = 600.0
     database_prepared_statements: bool = True
     history_days: float = 14.0
+    # A user is fresh when synced within this many seconds; unset, the longest a healthy
+    # daemon lets a user wait: stale after SYNC_STALE_AFTER_SECONDS, found by the next cycle.
+    freshness_target_seconds: float | None = None
+    freshness_objective: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.freshness_target_seconds is None:
+            target = self.stale_after_seconds + self.interval_seconds
+            object.__setattr__(self, "freshness_target_seconds", target)
+
+    @property
+    def freshness_target_s(self) -> float:
+        """The resolved target (never None once constructed)."""
+        assert self.freshness_target_seconds is not None
+        return self.freshness_target_seconds
 
     @property
     def users_table_parts(self) -> tuple[str | None, str]:
@@ -206,6 +221,14 @@ def _number(low: float, high: float) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _share(raw: str) -> float:
+    """A fraction above 0 and at most 1 (an objective of 0 would promise nothing)."""
+    value = float(raw)
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError("must be a number above 0 and at most 1 (0.99 is 99 %)")
+    return value
 
 
 def _integer(low: int, high: int) -> Callable[[str], int]:
@@ -324,6 +347,8 @@ _VARIABLES: dict[str, tuple[Callable[[str], Any], str]] = {
     "SYNC_DATABASE_OUTAGE_SECONDS": (_number(1, 86400), ""),
     "SYNC_DATABASE_PREPARED_STATEMENTS": (_boolean, ""),
     "SYNC_HISTORY_DAYS": (_number(0.001, 3650), ""),
+    "SYNC_FRESHNESS_TARGET_SECONDS": (_number(1, 10**9), ""),
+    "SYNC_FRESHNESS_OBJECTIVE": (_share, ""),
 }
 # Read by their own functions below, because their values depend on other variables.
 _DATABASE_URL = "SYNC_DATABASE_URL"

@@ -44,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from daemon import dbclock, schema
+from daemon import dbclock, freshness, schema
 from daemon.database import Database
 from daemon.models import operations, runs, user_state
 from daemon.schema import UsersTable, wire_id
@@ -268,6 +268,35 @@ class Store:
             )
         )
         return self.db.transaction(lambda s: int(s.execute(query).scalar_one()), name="count_due")
+
+    def freshness(
+        self,
+        *,
+        target_s: float,
+        objective: float,
+        quarantine_after: int,
+        now: datetime,
+        hint: freshness.Freshness | None = None,
+    ) -> freshness.Freshness:
+        """How fresh the users are now (daemon.freshness); `hint`: the last measurement."""
+
+        def unit(session: Session) -> freshness.Freshness:
+            return freshness.measure(
+                session,
+                self._last_sync,
+                # PostgreSQL's index-only scans fetch heap pages the visibility map does not
+                # cover, and last_sync rows change hourly: one sequential pass is cheaper.
+                range_counts=self.users.last_sync_indexed and not self._postgres,
+                hint=hint,
+                in_column_form=self._app_time,
+                as_instant=lambda value: schema.as_instant(value, self.users.storage),
+                target_s=target_s,
+                objective=objective,
+                quarantine_after=quarantine_after,
+                now=now,
+            )
+
+        return self.db.transaction(unit, name="freshness")
 
     # -- claiming --------------------------------------------------------------------
 

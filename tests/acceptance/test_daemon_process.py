@@ -23,6 +23,9 @@ import pytest
 
 from tests.acceptance.conftest import Backend, Harness, Proc, json_lines, wait_until
 
+# STATUS= between cycles: "idle, 100 % fresh, next cycle in 59 min"
+IDLE = r"idle, (\d+(?:\.\d)? % fresh(?:, [^,]+)*), next cycle in (\d+ (?:s|min|h))"
+
 pytestmark = pytest.mark.skipif(
     not Path("/proc").is_dir() or not hasattr(signal, "SIGUSR1"),
     reason="needs a Linux process model (signals, /proc, unix sockets)",
@@ -95,7 +98,7 @@ def test_ready_is_sent_once_the_database_answers_and_status_describes_the_state(
         return harness.notify.values("STATUS")
 
     wait_until(
-        lambda: any(re.fullmatch(r"idle, next cycle in \d+ s", s) for s in statuses()),
+        lambda: any(re.fullmatch(IDLE, s) for s in statuses()),
         what="an idle STATUS= line",
         describe=harness.notify.dump,
     )
@@ -107,10 +110,10 @@ def test_ready_is_sent_once_the_database_answers_and_status_describes_the_state(
         if (s := d.get("STATUS")) and s.startswith("idle")
     ]
     assert idle_after, harness.notify.dump()
-    match = re.fullmatch(r"idle, next cycle in (\d+) s", idle_after[-1])
+    match = re.fullmatch(IDLE, idle_after[-1])
     assert match is not None, idle_after
-    next_in = int(match.group(1))
-    assert 3500 <= next_in <= 3600
+    assert match.group(1) == "100 % fresh", idle_after  # every user just synced
+    assert match.group(2) in ("58 min", "59 min", "60 min"), idle_after
     assert db.synced_ids() == set(range(1, 7))
 
 

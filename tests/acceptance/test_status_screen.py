@@ -134,7 +134,8 @@ def test_status_into_a_closed_pipe_exits_quietly(harness: Harness) -> None:
         text=True,
         timeout=60,
     )
-    assert piped.stdout.startswith("status: NOT RUNNING (exit 5)"), piped.stdout
+    assert piped.stdout.startswith("0 % fresh (objective 99 %), 3 overdue"), piped.stdout
+    assert piped.stdout.count("\n") == 1, piped.stdout
     assert piped.stderr == ""
 
 
@@ -175,7 +176,7 @@ def test_status_exits_with_the_state_healthy_paused_degraded_not_running(
     )
     assert any("circuit open" in reason for reason in data["verdict"]["reasons"]), data["verdict"]
     text = harness.cli("status", env=env).stdout
-    assert text.startswith("status: DEGRADED (exit 2): "), text
+    assert text.splitlines()[1].startswith("status: DEGRADED (exit 2): "), text
     assert "circuit probe in " in text, text
     assert "circuit open: the backend is failing" in text, text  # the halted run's reason
 

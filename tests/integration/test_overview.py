@@ -87,8 +87,15 @@ def test_due_and_quarantined_are_judged_with_the_running_daemons_thresholds_not_
     assert data["thresholds"]["instance"] == "daemon"
     assert data["thresholds"]["values"]["stale_after_seconds"] == 3600
     assert (data["due_users"], data["quarantined_users"]) == (5, 1)
+    # Fresh = synced within the daemon's stale-after + interval (3600 + 300 s), not 1 day.
+    assert data["freshness"]["target_s"] == 3900
+    assert (data["freshness"]["fresh"], data["freshness"]["overdue"]) == (0, 5)
+    assert data["freshness"]["quarantined"] == 1
     text = overview.render(data)
     assert "thresholds of instance daemon: stale after 60 min" in text
+    assert text.startswith(
+        "0 % fresh (objective 99 %), 5 overdue, oldest overdue 2 h, 1 quarantined; "
+    )
 
 
 def test_with_no_instance_running_the_callers_thresholds_are_used_and_said_to_be(
@@ -176,7 +183,9 @@ def test_the_instances_recorded_health_decides_the_verdict_and_a_pause_shows(
     [a] = [n for n in data["next"]["instances"] if n["instance"] == "a"]
     assert a["next_probe_at"] is not None
     text = overview.render(data)
-    assert text.startswith("status: DEGRADED (exit 2): a: circuit open, probe in 42 s")
+    assert text.splitlines()[1].startswith(
+        "status: DEGRADED (exit 2): a: circuit open, probe in 42 s"
+    )
     assert "circuit probe in 4" in text  # 42 s from the row's heartbeat
     assert "PAUSED by ops@host 0 s ago" in text or "PAUSED by ops@host 1 s ago" in text
 

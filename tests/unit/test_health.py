@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from daemon.health import CycleStats, Facts, HealthState, assess
+from daemon.freshness import BUCKETS_S, Freshness
+from daemon.health import CycleStats, Facts, FreshnessTrend, HealthState, assess
 from daemon.values import Report
 
 
@@ -104,3 +105,58 @@ def test_rejected_credentials_last_until_a_cycle_gets_through() -> None:
     assert stats.credentials_rejected
     stats.record(report(), datetime.now(UTC))
     assert not stats.credentials_rejected
+
+
+def _measured(fresh: int, users: int = 1000, objective: float = 0.99) -> Freshness:
+    return Freshness(
+        measured_at=datetime(2026, 12, 1, tzinfo=UTC),
+        target_s=3900,
+        objective=objective,
+        users=users,
+        fresh=fresh,
+        never_synced=0,
+        quarantined=0,
+        oldest_overdue_s=None if fresh == users else 7200.0,
+        staleness=(0,) * len(BUCKETS_S),
+    )
+
+
+def test_freshness_at_or_above_the_objective_is_healthy() -> None:
+    assert assess(Facts(freshness=_measured(990))).state is HealthState.HEALTHY
+
+
+def test_freshness_below_the_objective_warns_with_the_share_and_the_objective() -> None:
+    verdict = assess(Facts(freshness=_measured(980)))
+    assert verdict.state is HealthState.WARNING
+    assert verdict.reasons == ("98 % of users fresh, below the objective of 99 % (20 overdue)",)
+    assert verdict.serving
+
+
+def test_freshness_far_below_the_objective_is_degraded() -> None:
+    # a shortfall of five error budgets: 95 % against 99 %
+    assert assess(Facts(freshness=_measured(951))).state is HealthState.WARNING
+    assert assess(Facts(freshness=_measured(950))).state is HealthState.DEGRADED
+
+
+def test_freshness_not_rising_for_three_cycles_below_the_objective_is_degraded() -> None:
+    verdict = assess(Facts(freshness=_measured(980), freshness_falling=3))
+    assert verdict.state is HealthState.DEGRADED
+    assert verdict.reasons[0].endswith("not rising for 3 cycles")
+
+
+def test_freshness_is_not_judged_before_the_first_cycle() -> None:
+    trend = FreshnessTrend()
+    assert trend.record(_measured(0), after_a_cycle=False) == "freshness_below_objective"
+    assert trend.judged is None
+    trend.record(_measured(10), after_a_cycle=True)
+    assert trend.judged is not None and trend.judged.fresh == 10
+
+
+def test_the_trend_counts_measurements_below_the_objective_that_did_not_rise() -> None:
+    trend = FreshnessTrend()
+    for fresh, falling in ((980, 1), (975, 2), (975, 3), (985, 0), (970, 1)):
+        trend.record(_measured(fresh), after_a_cycle=True)
+        assert trend.falling == falling, fresh
+    assert trend.record(_measured(995), after_a_cycle=True) == "freshness_objective_met"
+    assert trend.falling == 0
+    assert trend.record(_measured(999), after_a_cycle=True) is None
