@@ -418,7 +418,11 @@ def render(data: dict[str, Any]) -> str:
     lines.append("now:")
     if not data["instances"]:
         lines.append("  no instance has ever reported to this database")
-    running = {run["instance"]: run for run in data["running"]}
+    held = {lease["instance"]: lease["leases"] for lease in data["leases"]}
+    running = {
+        run["instance"]: {**run, "leases_held": held.get(run["instance"], 0)}
+        for run in data["running"]
+    }
     for inst in data["instances"]:
         lines.append(f"  {inst['instance']}: {_instance_line(inst)}")
         run = running.get(inst["instance"])
@@ -488,7 +492,12 @@ def _instance_line(inst: dict[str, Any]) -> str:
         )
     health = inst["health"] or "healthy"
     shown = "" if health == "healthy" else f", {health.upper()}"
-    return f"{inst['state']}, circuit {inst['circuit']}{shown}, seen {age} ago: {inst['status']}"
+    status = inst["status"] or ""
+    # STATUS= leads with the health and its reasons, which the screen's head already says.
+    reasons = f"{health}: {'; '.join(inst['health_reasons'])}; "
+    if inst["health_reasons"] and status.startswith(reasons):
+        status = status[len(reasons) :]
+    return f"{inst['state']}, circuit {inst['circuit']}{shown}, seen {age} ago: {status}"
 
 
 def _running_line(run: dict[str, Any]) -> str:
@@ -503,7 +512,9 @@ def _running_line(run: dict[str, Any]) -> str:
         line += f", ETA {ages.span(run['eta_s'])}"
     if run["failed"]:
         line += f", {run['failed']} failed"
-    line += f"; {run['claimed']} claimed"
+    line += f"; {run['claimed']} claimed so far"
+    if run.get("leases_held") is not None:
+        line += f", {run['leases_held']} leases held now"
     if run["calls_in_flight"] is not None:
         line += f", {run['calls_in_flight']} call(s) in flight"
     return line + f" (counts as of {ages.span(run['counts_age_s'])} ago)"

@@ -144,7 +144,7 @@ def test_a_running_cycle_shows_the_progress_its_heartbeat_wrote(app_db: AppDatab
     assert data["users_claimed"] == 6
     text = overview.render(data)
     assert "cycle running 20 s: 5 of 10 (50 %)" in text
-    assert "6 claimed, 3 call(s) in flight" in text
+    assert "6 claimed so far, 6 leases held now, 3 call(s) in flight" in text
 
 
 def test_failing_users_come_most_failures_first_then_in_numeric_id_order(
