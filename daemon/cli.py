@@ -6,7 +6,9 @@ which the unit lists in RestartPreventExitStatus= so a typo does not restart-loo
 3 when `once` or `force` finds syncing paused, so a script can tell "held back" from
 "failed" (`once --ignore-pause` runs anyway).
 64 (EX_USAGE) for a command-line value that would do harm, such as a `cleanup`
-threshold shorter than the lease.
+threshold shorter than the lease, and for bad arguments (argparse's own 2 would read as
+"degraded" from `status`, whose exit statuses 0-5 name the state: daemon.overview).
+Every command's --help ends with its exit statuses (`_EXITS`).
 """
 
 from __future__ import annotations

@@ -570,7 +570,9 @@ def _next_lines(data: dict[str, Any], db_now: datetime) -> list[str]:
     lines = []
     for inst in data["next"]["instances"]:
         parts = []
-        if inst["next_cycle_at"] is not None:
+        if data["paused"]:
+            parts.append("next cycle on `resume`")
+        elif inst["next_cycle_at"] is not None:
             parts.append(f"next cycle {_ago(inst['next_cycle_at'], db_now)}")
         if inst["next_probe_at"] is not None:
             parts.append(f"circuit probe {_ago(inst['next_probe_at'], db_now)}")
