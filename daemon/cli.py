@@ -173,7 +173,7 @@ def _inspect_users_table(settings: Settings) -> dict[str, Any]:
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
-    from daemon import overview, schema
+    from daemon import overview, schema, screen
     from daemon.app import instance_name
     from daemon.database import utcnow
     from daemon.store import Store
@@ -189,7 +189,7 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
         data = overview.collect(db, store, settings, now=utcnow())
     finally:
         db.dispose()
-    _print(json.dumps(data, indent=2, default=str) if args.json else overview.render(data))
+    _print(json.dumps(data, indent=2, default=str) if args.json else screen.render(data))
     return int(data["verdict"]["exit_status"])
 
 
@@ -413,7 +413,7 @@ _EXITS: dict[str, tuple[tuple[int, str], ...]] = {
     ),
     "cleanup": (
         (EX_OK, "cleaned up (the counts are printed)"),
-        (EX_USAGE, "--stale-after shorter than SYNC_LEASE_SECONDS, or bad arguments"),
+        (EX_USAGE, "bad command-line arguments, or --stale-after shorter than SYNC_LEASE_SECONDS"),
         *_DATABASE_EXITS[:2],
     ),
     "seed-demo": ((EX_OK, "the demo table holds --users users"), *_DATABASE_EXITS),

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from daemon import control, overview, thresholds
+from daemon import control, overview, screen, thresholds
 from daemon.database import utcnow
 from daemon.models import user_state
 from daemon.store import Cursor, RunCounts
@@ -91,7 +91,7 @@ def test_due_and_quarantined_are_judged_with_the_running_daemons_thresholds_not_
     assert data["freshness"]["target_s"] == 3900
     assert (data["freshness"]["fresh"], data["freshness"]["overdue"]) == (0, 5)
     assert data["freshness"]["quarantined"] == 1
-    text = overview.render(data)
+    text = screen.render(data)
     assert "thresholds of instance daemon: stale after 60 min" in text
     assert text.startswith(
         "0 % fresh (objective 99 %), 5 overdue, oldest overdue 2 h, 1 quarantined; "
@@ -109,7 +109,7 @@ def test_with_no_instance_running_the_callers_thresholds_are_used_and_said_to_be
 
     assert data["thresholds"]["source"] == "environment"
     assert data["due_users"] == 0
-    assert "no running instance: this environment's thresholds" in overview.render(data)
+    assert "no running instance: this environment's thresholds" in screen.render(data)
     assert data["verdict"]["exit_status"] == overview.EXIT_NOT_RUNNING
 
 
@@ -142,7 +142,7 @@ def test_a_running_cycle_shows_the_progress_its_heartbeat_wrote(app_db: AppDatab
     assert run["rate_per_s"] is not None and run["rate_per_s"] > 0
     assert run["eta_s"] is not None and run["eta_s"] > 0
     assert data["users_claimed"] == 6
-    text = overview.render(data)
+    text = screen.render(data)
     assert "cycle running 20 s: 5 of 10 (50 %)" in text
     assert "6 claimed so far, 6 leases held now, 3 call(s) in flight" in text
 
@@ -158,7 +158,7 @@ def test_failing_users_come_most_failures_first_then_in_numeric_id_order(
     assert [u["user_id"] for u in data["failing_users"]] == [11, 2, 9, 10, 1]
     assert data["failing_users_total"] == 5
     assert all(230 < u["next_attempt_in_s"] <= 240 for u in data["failing_users"])
-    text = overview.render(data)
+    text = screen.render(data)
     assert "    11: 5 in a row, last 500 HTTP 500, next attempt in 3 min" in text
 
 
@@ -182,7 +182,7 @@ def test_the_instances_recorded_health_decides_the_verdict_and_a_pause_shows(
     assert "paused by ops@host" in data["verdict"]["reasons"]
     [a] = [n for n in data["next"]["instances"] if n["instance"] == "a"]
     assert a["next_probe_at"] is not None
-    text = overview.render(data)
+    text = screen.render(data)
     assert text.splitlines()[1].startswith(
         "status: DEGRADED (exit 2): a: circuit open, probe in 42 s"
     )
@@ -195,4 +195,4 @@ def test_the_screen_names_the_database_without_its_password(
 ) -> None:
     data = collect(app_db)
     assert data["database"]["users_table"] == "users"
-    assert "users table users" in overview.render(data)
+    assert "users table users" in screen.render(data)

@@ -1,12 +1,14 @@
-"""The exit status of `status`: one per state, the worst live instance wins."""
+"""The exit status of `status`: one per state, the worst live instance wins; every
+command's --help lists its exit statuses."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
-from daemon import overview, thresholds
+from daemon import cli, overview, thresholds
 from daemon.settings import Settings
 
 
@@ -76,3 +78,46 @@ def test_recorded_thresholds_read_back_as_written_with_the_moment_apart() -> Non
     assert thresholds.load("not json") == {}
     assert thresholds.load(None) == {}
     assert thresholds.number({"x": "5"}, "x", 7.0) == 7.0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "run",
+        "once",
+        "migrate",
+        "check-config",
+        "status",
+        "pause",
+        "resume",
+        "force",
+        "cleanup",
+        "seed-demo",
+    ],
+)
+def test_every_commands_help_lists_its_exit_statuses(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.run([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    listed = text.split("exit statuses:\n", 1)[1]
+    assert re.search(r"^\s+0  ", listed, re.M), text
+    assert re.search(r"^\s+64  bad command-line arguments", listed, re.M), text
+
+
+def test_status_help_names_a_code_for_every_state() -> None:
+    listed = cli._epilog("status")
+    for code, state in enumerate(("healthy", "warning", "degraded", "paused", "unhealthy")):
+        assert re.search(rf"^\s+{code}  {state}", listed, re.M), listed
+    assert re.search(r"^\s+5  not running", listed, re.M), listed
+
+
+def test_bad_arguments_exit_64_never_2_which_status_means_degraded(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.run(["status", "--no-such-option"])
+    assert done.value.code == 64
+    assert "unrecognized arguments" in capsys.readouterr().err
