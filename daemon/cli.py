@@ -175,11 +175,18 @@ def _inspect_users_table(settings: Settings) -> dict[str, Any]:
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     from daemon import overview, schema, screen
     from daemon.app import instance_name
-    from daemon.database import utcnow
+    from daemon.database import SCHEMA_REVISION, current_revision, utcnow
     from daemon.store import Store
 
     db = _with_database(settings)
     try:
+        revision = current_revision(db.engine)
+        if revision != SCHEMA_REVISION:
+            # Its columns are not there yet: a query error would read as an outage (69).
+            raise ConfigError(
+                f"SYNC_DATABASE_URL: the daemon's tables are at revision {revision}, this "
+                f"version needs {SCHEMA_REVISION}; run `background-sync migrate`"
+            )
         store = Store(
             db,
             schema.inspect_users(db.engine, settings),
