@@ -22,7 +22,8 @@ RUN_DIR="$VAR_DIR/run"
 LOG_DIR="$VAR_DIR/log"
 PIDFILE="$RUN_DIR/background-sync.pid"
 LOCKFILE="$RUN_DIR/background-sync.lock"
-LOGFILE="$LOG_DIR/background-sync.log"
+LOGFILE="$LOG_DIR/background-sync.log"     # the daemon's stdout: JSON lines only
+ERRFILE="$LOG_DIR/background-sync.stderr"  # its stderr: a failed start's one line, a traceback
 BACKEND_LOGFILE="$LOG_DIR/reference-backend.log"
 SETUP_STAMP="$VENV/.background-sync-setup.sha256"
 DEV_STAMP="$VENV/.background-sync-dev.sha256"
@@ -86,14 +87,16 @@ Installing as a systemd service (root; docs/operations.md):
 
 Running the daemon (systemd mode when the unit is installed and systemd runs, else self-managed):
   start        systemd: systemctl start (waits for READY=1); self-managed: start it detached
-               (log: var/log/background-sync.log, PID file: var/run/background-sync.pid)
+               (log: var/log/background-sync.log, JSON lines; stderr: var/log/background-sync.stderr;
+               PID file: var/run/background-sync.pid)
   stop         systemd: systemctl stop; self-managed: SIGTERM, then SIGKILL after STOP_TIMEOUT
                seconds (default 30)
   restart      stop, then start
   reload       systemd only: re-read $ENV_FILE (SIGHUP)
   status       exit 0 running, 1 failed or dead (PID file exists), 3 stopped
-  logs         print the last LINES (default 100) lines of the daemon log (systemd: the journal)
-  logs-follow  follow the daemon log
+  logs         print the last LINES (default 100) lines of the daemon log (systemd: the journal);
+               on a terminal through 'background-sync logs' (short form), else as written
+  logs-follow  follow the daemon log (the same way)
   force        make the running daemon start a sync cycle now (SIGUSR1)
   pause        persistently stop every instance from claiming users (survives restarts)
   resume       undo pause
@@ -153,6 +156,31 @@ export_database_default() {
     if [[ -z ${SYNC_DATABASE_URL:-} ]]; then
         mkdir -p "$VAR_DIR"
         export SYNC_DATABASE_URL="sqlite:///$VAR_DIR/background-sync.db"
+    fi
+}
+
+# log_viewer: the `background-sync` that prints log lines for people (its `logs` command): the
+# installed service's in systemd mode, else this checkout's. Fails when there is none.
+log_viewer() {
+    local candidate candidates=("$BIN")
+    [[ $MODE == systemd ]] && candidates=("$PREFIX/.venv/bin/background-sync" "$BIN")
+    for candidate in "${candidates[@]}"; do
+        if [[ -x $candidate ]]; then
+            printf '%s\n' "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# log_view: a filter of log lines: on a terminal (stdout) `background-sync logs`, the short form
+# with colours; as written otherwise, or when no viewer is installed.
+log_view() {
+    local viewer
+    if [[ -t 1 ]] && viewer=$(log_viewer); then
+        "$viewer" logs
+    else
+        cat
     fi
 }
 
@@ -416,11 +444,14 @@ selfmanaged_start() {
     local wait_s=${START_WAIT_SECONDS:-5}
     require_number START_WAIT_SECONDS "$wait_s"
 
-    local log_offset=0
+    local log_offset=0 err_offset=0
     [[ -f $LOGFILE ]] && log_offset=$(stat -c %s -- "$LOGFILE")
+    [[ -f $ERRFILE ]] && err_offset=$(stat -c %s -- "$ERRFILE")
     # Job control is off in a script, so $! is the daemon itself: setsid execs without forking.
     # fd 9 (the lock) is closed so that the daemon does not hold the lock while it runs.
-    setsid nohup "$BIN" run >>"$LOGFILE" 2>&1 </dev/null 9>&- &
+    # stdout (JSON lines) and stderr (plain text) go to files of their own, so that the log
+    # stays pure JSON: the daemon logs a failed start there too, as a record.
+    setsid nohup "$BIN" run >>"$LOGFILE" 2>>"$ERRFILE" </dev/null 9>&- &
     pid=$!
     printf '%s\n' "$pid" >"$PIDFILE.tmp"
     mv -f -- "$PIDFILE.tmp" "$PIDFILE"
@@ -437,8 +468,12 @@ selfmanaged_start() {
         fi
         local rc=""
         wait "$pid" 2>/dev/null || rc=$?
-        warn "background-sync exited during startup${rc:+ (exit status $rc)}; last lines of $LOGFILE:"
-        tail -c "+$((log_offset + 1))" -- "$LOGFILE" 2>/dev/null | tail -n 20 >&2 || true
+        warn "background-sync exited during startup${rc:+ (exit status $rc)}"
+        if [[ -s $ERRFILE ]] && (($(stat -c %s -- "$ERRFILE") > err_offset)); then
+            tail -c "+$((err_offset + 1))" -- "$ERRFILE" 2>/dev/null | tail -n 20 >&2 || true
+        fi
+        warn "last lines of $LOGFILE:"
+        tail -c "+$((log_offset + 1))" -- "$LOGFILE" 2>/dev/null | tail -n 20 | log_view >&2 || true
         exit 1
     fi
     info "started background-sync (pid $pid); log: $LOGFILE"
@@ -493,6 +528,7 @@ selfmanaged_status() {
     fi
     if ! pid_is_ours "$pid"; then
         info "background-sync is dead but its PID file exists ($PIDFILE, pid '${pid}')"
+        [[ -s $ERRFILE ]] && info "its stderr, if it said why: $ERRFILE"
         exit 1
     fi
     local uptime
@@ -521,14 +557,22 @@ selfmanaged_logs() {
     local lines=${LINES:-100}
     require_int LINES "$lines"
     [[ -f $LOGFILE ]] || die "no log yet: $LOGFILE does not exist (start the daemon first)"
-    tail -n "$lines" -- "$LOGFILE"
+    if [[ -t 1 ]] && log_viewer >/dev/null; then
+        tail -n "$lines" -- "$LOGFILE" | log_view
+    else
+        tail -n "$lines" -- "$LOGFILE"
+    fi
 }
 
 selfmanaged_logs_follow() {
     local lines=${LINES:-100}
     require_int LINES "$lines"
     [[ -f $LOGFILE ]] || warn "no log yet: waiting for $LOGFILE to appear"
-    exec tail -n "$lines" -F -- "$LOGFILE"
+    if [[ -t 1 ]] && log_viewer >/dev/null; then
+        tail -n "$lines" -F -- "$LOGFILE" | log_view
+    else
+        exec tail -n "$lines" -F -- "$LOGFILE"
+    fi
 }
 
 # pause/resume: a flag in the database, obeyed by every instance that shares it.
@@ -725,13 +769,21 @@ systemd_status() {
 systemd_logs() {
     local lines=${LINES:-100}
     require_int LINES "$lines"
-    exec journalctl -u "$SERVICE.service" -o cat --no-pager -n "$lines"
+    if [[ -t 1 ]] && log_viewer >/dev/null; then
+        journalctl -u "$SERVICE.service" -o cat --no-pager -n "$lines" | log_view
+    else
+        exec journalctl -u "$SERVICE.service" -o cat --no-pager -n "$lines"
+    fi
 }
 
 systemd_logs_follow() {
     local lines=${LINES:-100}
     require_int LINES "$lines"
-    exec journalctl -u "$SERVICE.service" -o cat -n "$lines" -f
+    if [[ -t 1 ]] && log_viewer >/dev/null; then
+        journalctl -u "$SERVICE.service" -o cat -n "$lines" -f | log_view
+    else
+        exec journalctl -u "$SERVICE.service" -o cat -n "$lines" -f
+    fi
 }
 
 systemd_force() {

@@ -66,6 +66,9 @@ STARTUP_DATABASE_WAIT_SECONDS = 60.0
 DATABASE_RETRY_SECONDS = 30.0
 LOOP_WAKE_SECONDS = 1.0
 CONTROL_POLL_SECONDS = control.POLL_SECONDS
+# Without cycles (paused, circuit open, database retrying) freshness is still measured
+# once an interval, at most this often, so the views and alerts never show a frozen share.
+FRESHNESS_MIN_EVERY_SECONDS = 10.0
 # A clean stop says so in the instance row; a database that does not answer in this
 # long is not waited for (the row then ages into "lost" in `status`).
 STOPPED_MARK_SECONDS = 3.0
@@ -115,7 +118,12 @@ class App:
         self._health = health.Tracker()
         self._control = control.Poll(self._log, started_at=self._clock.now())
         self._cycles = Cycles(self, self._log)
-        self._backend = BackendSessions(self._make_gate(settings))
+        self._backend = BackendSessions(self._make_gate(settings), self.metrics.calls)
+        self.metrics.follow(
+            circuit=lambda: self.gate.state.value,
+            credentials_rejected=lambda: self._health.stats.credentials_rejected,
+            progress=lambda: cycle.progress if (cycle := self._cycles.running) else None,
+        )
         self._state = "starting"
 
     # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
@@ -359,6 +367,7 @@ class App:
         if self._notifier.watchdog_interval is not None:
             side_tasks.start("watchdog", self._watchdog_loop)
         side_tasks.start("control", self._control_loop)
+        side_tasks.start("freshness", self._freshness_loop)
         self._notifier.ready(self.status_line())
         self._log.info(
             "daemon_ready",
@@ -442,6 +451,7 @@ class App:
             self._note_database(False)
             return
         self._note_database(True)
+        self.metrics.show_instances(self._control.instances)
         self._apply_control(switches)
 
     def _live(self) -> thresholds.Live:
@@ -470,6 +480,17 @@ class App:
             return
         self._track_database(report)
 
+    async def _freshness_loop(self) -> None:
+        """Measure when no cycle has for an interval: the share keeps moving while paused."""
+        while True:
+            every = max(self.settings.interval_seconds, FRESHNESS_MIN_EVERY_SECONDS)
+            await asyncio.sleep(every)
+            latest = self._health.freshness.latest
+            since = None if latest is None else self._clock.now() - latest.measured_at
+            stale = since is None or not 0 <= since.total_seconds() < every  # or stepped back
+            if self._cycles.running is None and stale:
+                await self.measure_freshness(after_a_cycle=False)
+
     async def measure_freshness(self, *, after_a_cycle: bool) -> None:
         """Measure how fresh the users are (once per cycle and at start-up).
 
@@ -492,6 +513,7 @@ class App:
             return
         crossed = self._health.freshness.record(found, after_a_cycle=after_a_cycle)
         self.metrics.show_freshness(found)
+        await self._show_due()
         self._log.info(
             "freshness_measured",
             fresh_ratio=round(found.fresh_ratio, 6),
@@ -512,6 +534,17 @@ class App:
                 objective=found.objective,
                 overdue=found.overdue,
             )
+
+    async def _show_due(self) -> None:
+        """Users a cycle would claim now, for the metrics (with each freshness measurement)."""
+        now = self._clock.now()
+        stale_before = now - timedelta(seconds=self.settings.stale_after_seconds)
+        try:
+            due = await self._db_runner(self.store.count_due, now=now, stale_before=stale_before)
+        except (StoreError, ConfigError) as exc:
+            self._log.warning("due_not_counted", error=str(exc))
+            return
+        self.metrics.show_due(due)
 
     def cycle_crashed(self, error: BaseException) -> None:
         """A bug, not a backend or database fault: let systemd restart a clean process."""

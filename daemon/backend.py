@@ -62,6 +62,45 @@ class _Attempt:
     retry_after: float | None = None
     body: Any = None
     progress_url: str | None = None
+    timed_out: bool = False
+
+
+class CallMeter:
+    """What sees every HTTP attempt of a sync call. The base meter sees nothing;
+    `daemon.metrics.BackendCalls` counts them. Called on the hot path: keep it cheap."""
+
+    def started(self) -> None:
+        return None
+
+    def finished(self, outcome: str, status: int | None, seconds: float) -> None:
+        """`outcome` is one of `call_outcome`'s answers."""
+        return None
+
+    def abandoned(self) -> None:
+        """The attempt ended without an answer (cancelled)."""
+        return None
+
+
+def call_outcome(attempt: _Attempt) -> str:
+    """How one HTTP attempt ended, in the words of the request metrics.
+
+    A 2xx that the contract cannot take (a body that is not a JSON object, too large, a
+    202 without a usable progress URL) is an invalid answer; a 202 with one is a success
+    of the request, whatever the polling then finds.
+    """
+    status = attempt.status
+    if status is None:
+        return "timeout" if attempt.timed_out else "connection_error"
+    if 200 <= status < 300:
+        ok = attempt.outcome is Outcome.SUCCESS or attempt.progress_url is not None
+        return "success" if ok else "invalid_answer"
+    if 300 <= status < 400:
+        return "redirect"
+    if status in (429, 503):
+        return "throttled"
+    if 400 <= status < 500:
+        return "client_error"
+    return "server_error" if 500 <= status < 600 else "invalid_answer"
 
 
 class GateClosed(Exception):
@@ -108,6 +147,7 @@ class BackendClient:
         session: aiohttp.ClientSession,
         *,
         gate: Gate | None = None,
+        meter: CallMeter | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -115,6 +155,7 @@ class BackendClient:
         self._settings = settings
         self._session = session
         self._gate = gate or Gate()
+        self._meter = meter or CallMeter()
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._clock = clock
@@ -178,13 +219,19 @@ class BackendClient:
                     )
                 attempts += 1
                 answered = False
+                self._meter.started()
+                sent = time.perf_counter()
                 try:
                     with watch.bounded(self._settings.request_timeout_seconds, "backend call"):
                         result = await self._post(body, headers)
                     answered = True
                 finally:
                     if not answered:
+                        self._meter.abandoned()
                         self._gate.abandon(ticket)
+                self._meter.finished(
+                    call_outcome(result), result.status, time.perf_counter() - sent
+                )
                 healthy = result.status is not None and result.status < 500
                 self._gate.record(ticket, healthy, result.retry_after)
                 if result.progress_url is not None:
@@ -248,6 +295,7 @@ class BackendClient:
                 None,
                 f"timed out after {self._settings.request_timeout_seconds:g}s",
                 retryable=True,
+                timed_out=True,
             )
         except aiohttp.ClientError as exc:
             return _Attempt(Outcome.FAILED, None, _describe(exc), retryable=True)

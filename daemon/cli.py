@@ -6,9 +6,12 @@ which the unit lists in RestartPreventExitStatus= so a typo does not restart-loo
 3 when `once` or `force` finds syncing paused, so a script can tell "held back" from
 "failed" (`once --ignore-pause` runs anyway).
 64 (EX_USAGE) for a command-line value that would do harm, such as a `cleanup`
-threshold shorter than the lease, and for bad arguments (argparse's own 2 would read as
-"degraded" from `status`, whose exit statuses 0-5 name the state: daemon.overview).
+threshold shorter than the lease; bad arguments exit 2 (argparse), which no other status
+uses. `status` exits with the state (0 healthy ... 6 not running: daemon.overview).
 Every command's --help ends with its exit statuses (`_EXITS`).
+67 (EX_NOUSER) when `status --user` or `retry` names a user that is not in the users
+table; `retry` exits 75 (EX_TEMPFAIL) when it left a user alone because a live lease
+holds it (an instance is calling that user right now).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
@@ -33,6 +36,16 @@ from daemon.errors import ConfigError, StoreError
 from daemon.settings import Settings
 
 EX_USAGE = 64
+EX_ARGUMENTS = 2  # argparse's own, for bad command-line arguments
+EX_NOUSER = 67
+RETRY_EXIT_STATUSES = """exit status (the first that applies):
+  3   --now while paused: users released, no cycle requested (as `force`)
+  75  a user was left alone: a live lease holds it (it is being synced right now)
+  67  an ID is not in the users table (the others were still released)
+  0   every named user released, or it had nothing to release
+  64  neither IDs nor --quarantined, or both
+  69  the database cannot be reached; 78 a setting to fix
+"""
 # Past this, a threshold is not a time any more (and no longer fits a timedelta).
 CLEANUP_MAX_STALE_AFTER = 1e9
 
@@ -47,29 +60,45 @@ def run(argv: Sequence[str] | None = None) -> int:
         from daemon import reference_backend
 
         return reference_backend.main_from_args(args)
+    if args.command == "logs":  # reads no settings: works with no SYNC_* variable at all
+        from daemon import logview
+
+        return logview.main_from_args(args)
     env_file = getattr(args, "env_file", None)
+    daemon = args.command in ("run", "once")  # their stdout is their log
+    environ: Mapping[str, str] = os.environ
     try:
         environ = envfile.overlay(os.environ, env_file)
         settings = settings_module.load(environ)
     except ConfigError as exc:
-        print(f"background-sync: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        if daemon:
+            logs.configure(fmt=environ.get("SYNC_LOG_FORMAT", "auto").strip().lower())
+        return _failed(str(exc), EX_CONFIG, log=daemon)
     logs.configure(
         settings.log_level,
         settings.log_format,
         secrets=[settings.backend_token.reveal()] if settings.backend_token else [],
     )
-    _warn_unknown(environ, daemon=args.command in ("run", "once"))
+    _warn_unknown(environ, daemon=daemon)
     handler = _COMMANDS[args.command]
     try:
         return handler(settings, args)
     except ConfigError as exc:
-        print(f"background-sync: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _failed(str(exc), EX_CONFIG, log=daemon)
     except StoreError as exc:
-        return _database_failed(exc, f"database: {exc}")
+        return _database_failed(exc, f"database: {exc}", log=daemon)
     except DBAPIError as exc:  # a command that talks to the database directly
-        return _database_failed(exc, f"database: {short_error(exc)}")
+        return _database_failed(exc, f"database: {short_error(exc)}", log=daemon)
+
+
+def _failed(line: str, exit_status: int, *, log: bool = False) -> int:
+    """The one stderr line of a failed command. `run` and `once` also log it, so that
+    their log (the journal, the manage script's JSON file) says why they ended."""
+    print(f"background-sync: {line}", file=sys.stderr)
+    if log:
+        event = "config_error" if exit_status == EX_CONFIG else "database_unavailable_at_start"
+        logs.get_logger().error(event, error=line, exit_status=exit_status)
+    return exit_status
 
 
 def _warn_unknown(environ: Mapping[str, str], *, daemon: bool) -> None:
@@ -81,14 +110,12 @@ def _warn_unknown(environ: Mapping[str, str], *, daemon: bool) -> None:
             print(f"background-sync: warning: {warning}", file=sys.stderr)
 
 
-def _database_failed(exc: BaseException, line: str) -> int:
+def _database_failed(exc: BaseException, line: str, *, log: bool = False) -> int:
     """A refused login or a missing database is a setting to fix (78); the rest is 69."""
     refused = dberrors.configuration_problem(exc)
     if refused is not None:
-        print(f"background-sync: SYNC_DATABASE_URL: the server refused: {refused}", file=sys.stderr)
-        return EX_CONFIG
-    print(f"background-sync: {line}", file=sys.stderr)
-    return EX_UNAVAILABLE
+        return _failed(f"SYNC_DATABASE_URL: the server refused: {refused}", EX_CONFIG, log=log)
+    return _failed(line, EX_UNAVAILABLE, log=log)
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -173,6 +200,8 @@ def _inspect_users_table(settings: Settings) -> dict[str, Any]:
 
 
 def _status(settings: Settings, args: argparse.Namespace) -> int:
+    if args.user is not None:
+        return _status_user(settings, args)
     from daemon import overview, schema, screen
     from daemon.app import instance_name
     from daemon.database import SCHEMA_REVISION, current_revision, utcnow
@@ -209,6 +238,70 @@ def _print(text: str) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+
+def _status_user(settings: Settings, args: argparse.Namespace) -> int:
+    """One user's state, lease, attempts and retry record; 67 when it is not a user."""
+    from daemon import schema, userview
+    from daemon.database import utcnow
+
+    db = _with_database(settings)
+    now = utcnow()
+    try:
+        data = userview.collect(
+            db, schema.inspect_users(db.engine, settings), settings, args.user, now=now
+        )
+    finally:
+        db.dispose()
+    _print(json.dumps(data, indent=2) if args.json else userview.render(data, now=now))
+    return EX_OK if data["in_users_table"] else EX_NOUSER
+
+
+def _retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Release users from backoff or quarantine; with --now, also force a cycle."""
+    from daemon import control, retry, schema
+    from daemon.app import EX_TEMPFAIL
+    from daemon.database import utcnow
+
+    if bool(args.users) == args.quarantined:
+        print("background-sync retry: name users (ID...) or --quarantined", file=sys.stderr)
+        return EX_USAGE
+    by, now = _operator(), utcnow()
+    db = _with_database(settings)
+    try:
+        if args.quarantined:
+            done = retry.release_quarantined(db, settings, by=by, now=now)
+        else:
+            users = schema.inspect_users(db.engine, settings)
+            done = retry.release(db, users, settings, args.users, by=by, now=now)
+        switches = control.read(db)
+        forced = args.now and not switches.paused
+        if forced:
+            control.request_force(db, by=by, now=now)
+    finally:
+        db.dispose()
+    print("\n".join(retry.report(done, quarantined=args.quarantined, now=args.now, forced=forced)))
+    logs.get_logger().info(
+        "users_retried",
+        by=by,
+        count=len(done.released),
+        leased=len(done.leased),
+        unknown=len(done.unknown),
+        quarantined=args.quarantined,
+    )
+    if args.now and switches.paused:
+        from daemon import overview
+
+        print(
+            f"background-sync: no cycle requested: every instance is "
+            f"{overview.pause_text(switches)}; the released users are taken after "
+            "`background-sync resume`",
+            file=sys.stderr,
+        )
+        return EX_PAUSED
+    if done.leased:
+        return EX_TEMPFAIL
+    return EX_NOUSER if done.unknown else EX_OK
 
 
 def _operator() -> str:
@@ -352,15 +445,8 @@ _COMMANDS = {
     "resume": _resume,
     "force": _force,
     "cleanup": _cleanup,
+    "retry": _retry,
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments exit 64 (EX_USAGE), not argparse's 2, which `status` means degraded."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
 # Every command's --help ends with its exit statuses; these close each list.
@@ -371,7 +457,7 @@ _DATABASE_EXITS = (
         "a setting to fix (named on stderr): a bad value, a missing SQLite file "
         "or tables, a refused login",
     ),
-    (EX_USAGE, "bad command-line arguments"),
+    (EX_ARGUMENTS, "bad command-line arguments"),
 )
 _EXITS: dict[str, tuple[tuple[int, str], ...]] = {
     "run": (
@@ -382,7 +468,7 @@ _EXITS: dict[str, tuple[tuple[int, str], ...]] = {
         (74, "the SQLite file was deleted or replaced while running"),
         (75, "the database stayed away past SYNC_DATABASE_OUTAGE_SECONDS"),
         (EX_CONFIG, "a setting to fix, or a users table changed under the daemon"),
-        (EX_USAGE, "bad command-line arguments"),
+        (EX_ARGUMENTS, "bad command-line arguments"),
     ),
     "once": (
         (EX_OK, "every due user synced"),
@@ -396,19 +482,32 @@ _EXITS: dict[str, tuple[tuple[int, str], ...]] = {
     "check-config": (
         (EX_OK, "the settings are valid (an unreachable database is only warned about)"),
         (EX_CONFIG, "a setting to fix, or a users table the daemon cannot work with"),
-        (EX_USAGE, "bad command-line arguments"),
+        (EX_ARGUMENTS, "bad command-line arguments"),
     ),
     "status": (
         (0, "healthy: every running instance is healthy"),
-        (1, "warning: an instance's last cycles could not complete, or its circuit is half-open"),
-        (2, "degraded: the circuit is open, the database is failing, or cycles keep failing"),
+        (
+            1,
+            "warning: an instance's last cycles could not complete, its circuit is "
+            "half-open, or freshness is below the objective",
+        ),
         (3, "paused by an operator (and nothing worse)"),
         (
             4,
+            "degraded: the circuit is open, the database is failing, cycles keep "
+            "failing, or freshness is far below the objective",
+        ),
+        (
+            5,
             "unhealthy: credentials rejected, a stalled cycle, a configuration problem; "
             "or lost: no instance is live and one died without stopping",
         ),
-        (5, "not running: no instance is live"),
+        (6, "not running: no instance is live"),
+        (
+            67,
+            "--user ID: ID is not in the users table (with --user, 0 when it is, "
+            "whatever the state)",
+        ),
         *_DATABASE_EXITS,
     ),
     "pause": ((EX_OK, "paused (or already paused)"), *_DATABASE_EXITS),
@@ -420,8 +519,8 @@ _EXITS: dict[str, tuple[tuple[int, str], ...]] = {
     ),
     "cleanup": (
         (EX_OK, "cleaned up (the counts are printed)"),
-        (EX_USAGE, "bad command-line arguments, or --stale-after shorter than SYNC_LEASE_SECONDS"),
-        *_DATABASE_EXITS[:2],
+        (EX_USAGE, "--stale-after shorter than SYNC_LEASE_SECONDS"),
+        *_DATABASE_EXITS,
     ),
     "seed-demo": ((EX_OK, "the demo table holds --users users"), *_DATABASE_EXITS),
 }
@@ -450,7 +549,7 @@ def _command(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog="background-sync",
         description="Keeps every user of an application freshly synced with its backend.",
     )
@@ -491,6 +590,13 @@ def _parser() -> argparse.ArgumentParser:
         help="what every instance is doing, what failed and why, what happens next",
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--user",
+        metavar="ID",
+        default=None,
+        help="one user: state, lease, last attempts, next attempt, quarantine, retry "
+        "(exit 67 if ID is not in the users table)",
+    )
     _command(sub, "pause", parents=[env], help="stop claiming users, on every instance")
     _command(sub, "resume", parents=[env], help="undo pause")
     _command(sub, "force", parents=[env], help="start a cycle now, on every instance")
@@ -504,8 +610,25 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds without heartbeat after which a run or instance counts as gone "
         "(at least SYNC_LEASE_SECONDS; live leases are never touched)",
     )
+    retry = sub.add_parser(
+        "retry",
+        parents=[env],
+        help="release users from backoff or quarantine",
+        description="Clear the backoff and quarantine of the named users (or of every\n"
+        "quarantined user): the next cycle claims them if their last_sync is stale.\n"
+        "A user being synced right now (live lease) is left alone. Who asked and when\n"
+        "is recorded, and shown by `status --user ID`.",
+        epilog=RETRY_EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    retry.add_argument("users", nargs="*", metavar="ID", help="user ids to release")
+    retry.add_argument("--quarantined", action="store_true", help="release every quarantined user")
+    retry.add_argument("--now", action="store_true", help="also request a cycle now, like `force`")
     seed = _command(sub, "seed-demo", parents=[env], help="create and fill a demo users table")
     seed.add_argument("--users", type=int, default=25, help="how many users the table should hold")
+    from daemon import logview
+
+    logview.add_arguments(sub.add_parser("logs", help="print JSON log lines for people, filtered"))
     backend = sub.add_parser(
         "reference-backend", help="run the bundled backend that implements the contract"
     )

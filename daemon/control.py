@@ -16,12 +16,24 @@ daemon that died (kill -9, a host gone): `status` calls it lost.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, exists, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -136,8 +148,9 @@ def report_instance(
     status: str,
     settings: str | None = None,
     health: str | None = None,
-) -> Control:
-    """Refresh this instance's row and read the control row, in one short transaction.
+) -> Reported:
+    """Refresh this instance's row, read the control row and count every instance by
+    state, in one short transaction.
 
     The heartbeat is the database's time (`cleanup` compares it with that); `now` is
     not used. `settings` (JSON, see daemon.thresholds) and `health` are what `status`
@@ -154,7 +167,7 @@ def report_instance(
     if health is not None:
         values["health"] = health[:16]
 
-    def unit(session: Session) -> Control:
+    def unit(session: Session) -> Reported:
         updated = session.execute(
             update(instances).where(instances.c.instance == instance).values(values)
         ).rowcount  # type: ignore[attr-defined]
@@ -164,7 +177,7 @@ def report_instance(
                     instance=instance, started_at=started_at, version=__version__, **values
                 )
             )
-        return read_in(session)
+        return Reported(read_in(session), count_instances_in(session, db.dialect))
 
     return db.transaction(unit, name="report_instance")
 
@@ -185,6 +198,37 @@ def mark_stopped(db: Database, *, instance: str) -> bool:
         )
 
     return db.transaction(unit, name="mark_stopped")
+
+
+@dataclass(frozen=True)
+class Reported:
+    """What the control poll reads back: the switches, and every instance by state."""
+
+    control: Control
+    instances: dict[str, int]
+
+
+def count_instances(db: Database) -> dict[str, int]:
+    return db.transaction(
+        lambda session: count_instances_in(session, db.dialect), name="count_instances"
+    )
+
+
+def count_instances_in(session: Session, dialect: str) -> dict[str, int]:
+    """Instances by state, as `status` shows them: an instance silent past
+    LOST_AFTER_SECONDS (on the database's clock) that did not say it stopped is lost."""
+    return {str(name): int(count) for name, count in session.execute(_census(dialect))}
+
+
+@functools.cache
+def _census(dialect: str) -> Select[Any]:
+    """Built once per dialect: the control poll runs it every few seconds."""
+    i = instances.c
+    silent = or_(
+        i.heartbeat_at.is_(None), i.heartbeat_at < dbclock.after(dialect, -LOST_AFTER_SECONDS)
+    )
+    state = case(((i.state != STOPPED) & silent, "lost"), else_=i.state)
+    return select(state, func.count()).group_by(state)
 
 
 @dataclass(frozen=True)
@@ -281,17 +325,19 @@ class Poll:
     started (its row says so), and the bounded wait the watchdog checks.
 
     The app runs `report` every CONTROL_POLL_SECONDS in a supervised side task: it
-    publishes the instance's row and reads the switches in one short transaction.
+    publishes the instance's row, reads the switches and counts every instance by state,
+    in one short transaction.
     """
 
     def __init__(self, log: Any, *, started_at: datetime) -> None:
         self.switches = Switches(log)
         self.watch = Progress()  # a database wait the watchdog can see overrun
         self.started_at = started_at
+        self.instances: dict[str, int] = {}  # every instance's state, read with each report
 
     async def report(
         self,
-        run: Callable[..., Awaitable[Control]],
+        run: Callable[..., Awaitable[Any]],
         db: Database,
         *,
         instance: str,
@@ -303,9 +349,10 @@ class Poll:
         settings: str | None = None,
         health: str | None = None,
     ) -> Control:
-        """Publish this instance's row and read the control row (StoreError if it fails)."""
+        """Publish this instance's row and read the control row (StoreError if it fails),
+        and every instance's state (kept in `instances`, for the metrics)."""
         with self.watch.bounded(bound_s, "database control poll"):
-            return await run(
+            reported: Reported = await run(
                 report_instance,
                 db,
                 instance=instance,
@@ -317,3 +364,5 @@ class Poll:
                 settings=settings,
                 health=health,
             )
+        self.instances = reported.instances
+        return reported.control

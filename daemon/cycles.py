@@ -216,7 +216,7 @@ class Cycles:
     async def _run(self) -> Report:
         cycle, host = self.current, self._host
         assert cycle is not None
-        host.metrics.in_cycle.set(1)
+        host.metrics.cycle_starting(host.clock.now())
         try:
             try:
                 if host.settings.dry_run:

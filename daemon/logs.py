@@ -2,6 +2,8 @@
 
 Logs go to stdout only; systemd's journal (or the manage script's log file) keeps them.
 Event names are stable snake_case strings so that operators and tests can grep them.
+The JSON lines carry every field; the console form is the short one people read
+(daemon/logline.py), the same that `background-sync logs` prints.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from daemon import logline
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING}
 _LEVELS["ERROR"] = logging.ERROR
@@ -36,6 +40,11 @@ class _Redactor:
             if secret in line:
                 line = line.replace(secret, "<redacted>")
         return line
+
+
+def _for_people(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+    """Console only: a short run_id, and a per-user line cut to its summary."""
+    return logline.for_people(event)
 
 
 class _LibraryBridge(logging.Handler):
@@ -64,7 +73,7 @@ def configure(
     console = fmt == "console" or (fmt == "auto" and out.isatty())
     renderer: Processor
     if console:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty(), sort_keys=False)
     else:
         renderer = structlog.processors.JSONRenderer()
     processors: list[Processor] = [
@@ -72,8 +81,7 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if not console:
-        processors.append(structlog.processors.dict_tracebacks)
+    processors.append(_for_people if console else structlog.processors.dict_tracebacks)
     processors.append(_Redactor(renderer, secrets))
     structlog.configure(
         processors=processors,

@@ -38,13 +38,15 @@ RECENT_RUNS = 10
 FAILING_USERS = 20
 
 # Exit statuses of `status`, one per state, so that scripts and monitoring can act on
-# them. With several instances the worst state wins, in the order of STATES.
+# them. With several instances the worst state wins, in the order of STATES. 2 is left
+# to argparse (bad arguments, as for every command), so a typo never reads "degraded";
+# 3 is "paused", as for `once` and `force`.
 EXIT_HEALTHY = 0
 EXIT_WARNING = 1
-EXIT_DEGRADED = 2
 EXIT_PAUSED = 3
-EXIT_UNHEALTHY = 4
-EXIT_NOT_RUNNING = 5
+EXIT_DEGRADED = 4
+EXIT_UNHEALTHY = 5
+EXIT_NOT_RUNNING = 6
 # state -> exit status, from best to worst
 STATES = {
     "healthy": EXIT_HEALTHY,

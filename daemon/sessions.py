@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from daemon.backend import BackendClient
+from daemon.backend import BackendClient, CallMeter
 from daemon.resilience import BackendGate
 from daemon.settings import Settings
 
@@ -18,8 +18,9 @@ class BackendSessions:
     """The gate every call passes, the current client, and the sessions retired by reloads
     but not closed yet."""
 
-    def __init__(self, gate: BackendGate) -> None:
+    def __init__(self, gate: BackendGate, meter: CallMeter | None = None) -> None:
         self.gate = gate
+        self.meter = meter
         self._session: aiohttp.ClientSession | None = None
         self.client: BackendClient | None = None
         self._retired: list[aiohttp.ClientSession] = []
@@ -29,7 +30,7 @@ class BackendSessions:
         if self._session is not None:
             self._retired.append(self._session)
         self._session = BackendClient.open_session(settings)
-        self.client = BackendClient(settings, self._session, gate=self.gate)
+        self.client = BackendClient(settings, self._session, gate=self.gate, meter=self.meter)
         return self.client
 
     @property

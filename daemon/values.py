@@ -85,3 +85,14 @@ class Report:
     # Results the database did not take in time; the next cycle records them first,
     # each under its own run_id.
     unrecorded: tuple[Result, ...] = ()
+
+    @property
+    def completed(self) -> bool:
+        """The cycle ran through its due list: every claimed user was attempted and
+        recorded, nothing halted or crashed it. Users failing one by one do not count
+        against it (a backend with a few bad users still completes cycles); a halt
+        (circuit open, credentials rejected), a database error, a stop or a pause do."""
+        if self.outcome not in ("succeeded", "failed") or self.error is not None:
+            return False
+        attempted = self.succeeded + self.failed + self.skipped
+        return attempted >= self.claimed and not self.unrecorded

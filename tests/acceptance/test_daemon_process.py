@@ -642,7 +642,7 @@ def test_status_reports_runs_and_failing_users(harness: Harness) -> None:
     run_id = next(e["run_id"] for e in json_lines(run.stdout) if e.get("event") == "cycle_finished")
 
     shown = harness.cli("status", "--json", env=env)
-    assert shown.returncode == 5, shown.stderr  # `once` has ended: no instance is running
+    assert shown.returncode == 6, shown.stderr  # `once` has ended: no instance is running
     data = json.loads(shown.stdout)
     runs = {r["run_id"]: r for r in data["recent_runs"]}
     assert run_id in runs, data

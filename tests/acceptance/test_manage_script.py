@@ -760,6 +760,16 @@ def test_systemd_logs_read_the_journal_as_json_lines(fake_systemd: FakeSystemd) 
     assert "LINES must be a whole number" in bad.stderr
 
 
+def test_systemd_logs_on_a_terminal_print_the_short_form(fake_systemd: FakeSystemd) -> None:
+    _real_cli(fake_systemd.sandbox)
+    status, shown = _on_a_terminal(fake_systemd.sandbox, "logs", **fake_systemd.env(NO_COLOR="1"))
+    assert status == 0, shown
+    assert shown.split() == ["[info", "]", "daemon_ready"]
+    assert fake_systemd.calls() == [
+        "journalctl -u background-sync.service -o cat --no-pager -n 100"
+    ]
+
+
 def test_systemd_force_signals_the_main_process_only(fake_systemd: FakeSystemd) -> None:
     stopped = fake_systemd.run("force")
     assert stopped.returncode == 1
@@ -902,6 +912,70 @@ def test_self_managed_pause_and_resume_flip_the_flag_in_the_database(sandbox: Sa
     assert resumed.returncode == 0, resumed
     assert resumed.stdout.startswith("resumed: ")
     assert _paused(database)[0] is False
+
+
+def test_a_failed_start_leaves_only_json_lines_in_the_log_file(sandbox: Sandbox) -> None:
+    """The daemon's one stderr line goes to a file of its own and is shown; the log file
+    gets the same reason as a record, so every line of it stays JSON."""
+    _real_cli(sandbox)
+    result = sandbox.run("start", START_WAIT_SECONDS="60", SYNC_INTERVAL_SECONDS="soon", timeout=90)
+    assert result.returncode == 1, result
+    assert "exited during startup (exit status 78)" in result.stderr
+    assert "\nbackground-sync: SYNC_INTERVAL_SECONDS: " in result.stderr
+    records = [json.loads(line) for line in sandbox.logfile.read_text().splitlines()]
+    assert [(r["event"], r["exit_status"]) for r in records] == [("config_error", 78)]
+    assert records[0]["error"].startswith("SYNC_INTERVAL_SECONDS: ")
+    stderr_file = sandbox.logfile.with_name("background-sync.stderr")
+    assert stderr_file.read_text().startswith("background-sync: SYNC_INTERVAL_SECONDS: ")
+    assert not sandbox.pidfile.exists()
+
+
+def _on_a_terminal(sandbox: Sandbox, *args: str, **extra: str) -> tuple[int, str]:
+    """Run the script with its stdout on a pseudo-terminal; its status and what it printed."""
+    import pty
+
+    master, slave = pty.openpty()
+    with subprocess.Popen(
+        [str(sandbox.script), *args],
+        cwd="/",
+        env=sandbox.env(**extra),
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        status = proc.wait(timeout=60)
+    os.close(master)
+    return status, b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_logs_on_a_terminal_prints_the_short_form(sandbox: Sandbox) -> None:
+    _real_cli(sandbox)
+    run_id = "0123456789abcdef0123456789abcdef"
+    record = {"run_id": run_id, "user_id": 7, "status": 200, "duration_ms": 12}
+    record |= {"result": {"emails": 3}, "event": "user_synced", "level": "info"}
+    record["timestamp"] = "2026-12-01T12:00:01.000001Z"
+    sandbox.logfile.parent.mkdir(parents=True)
+    sandbox.logfile.write_text(json.dumps(record) + "\nnot json at all\n")
+
+    status, shown = _on_a_terminal(sandbox, "logs", NO_COLOR="1")
+    assert status == 0, shown
+    assert shown.splitlines() == [
+        "2026-12-01 12:00:01 [info     ] user_synced                    "
+        "user_id=7 status=200 duration_ms=12 run_id=01234567",
+        "not json at all",
+    ]
+    # Not a terminal: the lines as they were written (test_logs).
+    assert sandbox.run("logs").stdout == sandbox.logfile.read_text()
 
 
 def test_self_managed_pause_without_the_daemons_tables_fails_clearly(sandbox: Sandbox) -> None:

@@ -181,11 +181,11 @@ def test_status_exits_with_the_state_healthy_paused_degraded_not_running(
         conn.execute("UPDATE users SET last_sync = NULL")
     assert harness.cli("force", env=env).returncode == 0
     data = wait_until(
-        lambda: exits(overview.EXIT_DEGRADED), what="status 2 (circuit open)", describe=daemon.tail
+        lambda: exits(overview.EXIT_DEGRADED), what="status 4 (circuit open)", describe=daemon.tail
     )
     assert any("circuit open" in reason for reason in data["verdict"]["reasons"]), data["verdict"]
     text = harness.cli("status", env=env).stdout
-    assert text.splitlines()[1].startswith("status: DEGRADED (exit 2): "), text
+    assert text.splitlines()[1].startswith("status: DEGRADED (exit 4): "), text
     assert "circuit probe in " in text, text
     assert "circuit open: the backend is failing" in text, text  # the halted run's reason
 

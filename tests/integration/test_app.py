@@ -189,3 +189,35 @@ async def test_a_healthy_daemon_answers_200_healthy(
 ) -> None:
     status, page = await health_after_one_cycle(App(app_settings(tmp_path, backend)))
     assert (status, page) == (200, {"health": "healthy", "reasons": []})
+
+
+async def test_freshness_keeps_being_measured_while_no_cycle_runs(
+    tmp_path: Path,
+    backend: ReferenceBackend,
+    fast_side_tasks: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Paused from the start: the share still follows the table, so views never freeze."""
+    monkeypatch.setattr(app_module, "FRESHNESS_MIN_EVERY_SECONDS", 0.2)
+    settings = app_settings(tmp_path, backend, users=5, SYNC_INTERVAL_SECONDS="1")
+    db = Database(make_engine(settings.database_url))
+    control.set_paused(db, True, by="test", now=utcnow())
+    daemon = App(settings)
+    running = asyncio.create_task(daemon.run_forever())
+    try:
+        await wait_until_async(
+            lambda: (daemon.snapshot()["freshness"] or {}).get("overdue") == 5,
+            what="the start-up measurement: 5 never-synced users",
+        )
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE users SET last_sync = ?", (utcnow().replace(tzinfo=None),))
+        await wait_until_async(
+            lambda: (daemon.snapshot()["freshness"] or {}).get("overdue") == 0,
+            what="a measurement without a cycle",
+        )
+        assert daemon.snapshot()["paused"] is True
+        assert (await backend.stats())["requests"] == 0
+    finally:
+        daemon.stop("test")
+        await running
+        db.dispose()

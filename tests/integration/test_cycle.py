@@ -262,14 +262,22 @@ async def test_a_401_halts_the_cycle_as_a_configuration_problem_and_blames_no_us
     assert held_leases(app_db) == 0
 
 
+async def once_called(backend: ReferenceBackend, event: asyncio.Event) -> None:
+    """Set `event` once the backend has answered a call: calls are then in flight."""
+    while (await backend.stats())["requests"] == 0:  # noqa: ASYNC110 (another server)
+        await asyncio.sleep(0.02)
+    event.set()
+
+
 async def test_stop_lets_in_flight_calls_finish_and_releases_the_rest(
     app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
 ) -> None:
     app_db.seed(50)
     await backend.faults(latency_ms=300)
     stop = asyncio.Event()
-    asyncio.get_running_loop().call_later(0.5, stop.set)
+    set_on_first_call = asyncio.create_task(once_called(backend, stop))
     report = await run_cycle(app_db, make_settings, backend.url, stop=stop, SYNC_CONCURRENCY="4")
+    await set_on_first_call
     assert report.outcome == "interrupted"
     assert 0 < report.succeeded < 50
     assert len(synced(app_db)) == report.succeeded
@@ -284,10 +292,11 @@ async def test_a_pause_lets_in_flight_calls_finish_and_releases_the_backlog_unca
     app_db.seed(50)
     await backend.faults(latency_ms=300)
     paused = asyncio.Event()
-    asyncio.get_running_loop().call_later(0.5, paused.set)
+    set_on_first_call = asyncio.create_task(once_called(backend, paused))
     report = await run_cycle(
         app_db, make_settings, backend.url, paused=paused, SYNC_CONCURRENCY="4"
     )
+    await set_on_first_call
     assert report.outcome == "paused"
     assert 0 < report.succeeded < 50
     assert report.claimed == 50 == report.succeeded + report.skipped

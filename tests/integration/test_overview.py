@@ -184,7 +184,7 @@ def test_the_instances_recorded_health_decides_the_verdict_and_a_pause_shows(
     assert a["next_probe_at"] is not None
     text = screen.render(data)
     assert text.splitlines()[1].startswith(
-        "status: DEGRADED (exit 2): a: circuit open, probe in 42 s"
+        "status: DEGRADED (exit 4): a: circuit open, probe in 42 s"
     )
     assert "circuit probe in 4" in text  # 42 s from the row's heartbeat
     assert "PAUSED by ops@host 0 s ago" in text or "PAUSED by ops@host 1 s ago" in text

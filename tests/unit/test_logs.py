@@ -59,3 +59,50 @@ def test_a_library_warning_is_a_log_line_on_stdout_not_text_on_stderr(
         "warning",
     )
     assert capsys.readouterr().err == ""
+
+
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+def _one_user_synced(fmt: str) -> str:
+    out = io.StringIO()
+    logs.configure("INFO", fmt, stream=out)
+    logs.get_logger(run_id=RUN_ID).info(
+        "user_synced", user_id=7, attempt=1, status=200, duration_ms=12, result={"emails": 3}
+    )
+    return out.getvalue()
+
+
+def test_the_console_line_shows_a_short_run_id_and_the_users_result_in_brief() -> None:
+    line = _one_user_synced("console")
+    assert RUN_ID not in line
+    assert "run_id=01234567" in line
+    assert "user_synced" in line
+    assert "user_id=7 status=200 duration_ms=12" in line
+    assert "emails" not in line and "attempt" not in line
+    assert "\x1b[" not in line  # no colours: not a terminal
+
+
+def test_the_json_line_keeps_every_field_under_its_own_name() -> None:
+    line = json.loads(_one_user_synced("json"))
+    assert {k: v for k, v in line.items() if k != "timestamp"} == {
+        "run_id": RUN_ID,
+        "user_id": 7,
+        "attempt": 1,
+        "status": 200,
+        "duration_ms": 12,
+        "result": {"emails": 3},
+        "event": "user_synced",
+        "level": "info",
+    }
+
+
+def test_the_console_still_prints_a_traceback() -> None:
+    out = io.StringIO()
+    logs.configure("INFO", "console", stream=out)
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        logs.get_logger(run_id=RUN_ID).error("cycle_crashed", error=repr(exc), exc_info=exc)
+    assert "ValueError: boom" in out.getvalue()
+    assert "Traceback" in out.getvalue()
