@@ -39,6 +39,7 @@ from daemon import (
 )
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
+from daemon.concurrency import Concurrency
 from daemon.cycle import Clock, DbRunner
 from daemon.cycles import Cycles
 from daemon.database import SCHEMA_REVISION, Database, current_revision, engine_for, sqlite_file
@@ -124,6 +125,11 @@ class App:
             credentials_rejected=lambda: self._health.stats.credentials_rejected,
             progress=lambda: cycle.progress if (cycle := self._cycles.running) else None,
         )
+        self.concurrency = Concurrency(
+            settings,
+            on_change=lambda limiter, change: self.metrics.show_concurrency(limiter, change.reason),
+        )
+        self.metrics.show_concurrency(self.concurrency.limiter)
         self._state = "starting"
 
     # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
@@ -642,6 +648,8 @@ class App:
             reset_seconds=fresh.circuit_reset_seconds,
             max_per_second=fresh.max_requests_per_second,
         )
+        self.concurrency.configure(fresh)
+        self.metrics.show_concurrency(self.concurrency.limiter)  # the maximum may change
         if self._backend.client is not None:
             # A running cycle keeps the old client; the session closes after it ends.
             self._backend.open(fresh)
@@ -686,7 +694,10 @@ class App:
         if self._state in ("stopping", "starting"):
             return self._state
         if cycle is not None:
-            return cycle.progress.status_line()
+            line = cycle.progress.status_line()
+            if self.concurrency.limit < self.settings.concurrency:
+                line += f", concurrency {self.concurrency.limit} of {self.settings.concurrency}"
+            return line
         next_in = ages.span(self._cycles.seconds_until_next() or 0)
         measured = self._health.freshness.latest
         fresh = f"{freshness.headline(measured)}, " if measured is not None else ""
@@ -745,5 +756,6 @@ class App:
             },
             "last_cycle": dataclasses.asdict(last) if last else None,
             "next_cycle_in_s": self._cycles.seconds_until_next(),
+            "concurrency": self.concurrency.as_dict(),
             "settings": self.settings.redacted(),
         }

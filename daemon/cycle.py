@@ -1,8 +1,9 @@
 """One sync cycle: claim due users page by page, call the backend, record the outcomes.
 
 Three kinds of task share the work: a claimer that leases pages of due users ahead of
-need, SYNC_CONCURRENCY callers that each take one user at a time, and a recorder that
-writes finished results in batches. A heartbeat renews the leases while this runs. The
+need, SYNC_CONCURRENCY callers that each take one user at a time (at most the adaptive
+limit of them calling at once, see `daemon.concurrency`), and a recorder that writes
+finished results in batches. A heartbeat renews the leases while this runs. The
 database runs on a single worker thread (see `DbRunner`), so the event loop never blocks
 on it and SQLite never sees two writers from one process.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from daemon.backend import BackendClient
 from daemon.backlog import DONE, Backlog
+from daemon.concurrency import Concurrency, dropped
 from daemon.errors import SchemaError, StoreError
 from daemon.logs import get_logger
 from daemon.progress import Progress
@@ -73,6 +76,7 @@ class Cycle:
         carry: tuple[Result, ...] = (),
         start_delay: float = 0.0,
         paused: Callable[[], bool] = lambda: False,
+        concurrency: Concurrency | None = None,
     ) -> None:
         self.settings = settings
         self.run_id = new_run_id()
@@ -86,6 +90,10 @@ class Cycle:
         self._start_delay = start_delay
         self._paused = paused
         self._paused_seen = False
+        # The instance's limit (it outlives the cycle); a fixed one when none is given.
+        self._slots = concurrency or Concurrency(
+            dataclasses.replace(settings, adaptive_concurrency=False)
+        )
         self._released_for_pause = 0
         self._halt: str | None = None
         self._circuit_open = False
@@ -284,15 +292,29 @@ class Cycle:
             elif self._paused():
                 self._release_for_pause(claim)
             else:
+                started = await self._slots.acquire()  # at most `limit` calls in flight
                 self._busy += 1
+                verdict: tuple[bool, bool] | None = None
                 try:
-                    await self._call(claim)
+                    if self._stop.is_set():
+                        return  # stopped while waiting for a slot: release_all gives it back
+                    if self._paused():
+                        self._release_for_pause(claim)  # paused while it waited for a slot
+                    else:
+                        verdict = await self._call(claim)
                 finally:
                     self._busy -= 1
+                    self._slots.release(
+                        started,
+                        dropped=None if verdict is None else verdict[0],
+                        latency_counts=verdict is not None and verdict[1],
+                    )
             if not self._busy and self._queue.empty():
                 self._idle.set()
 
-    async def _call(self, claim: Claim) -> None:
+    async def _call(self, claim: Claim) -> tuple[bool, bool]:
+        """Call, count, log and queue the result; return (dropped, latency counts) for the
+        concurrency limit."""
         begin = self._clock.monotonic()
         try:
             outcome = await self._client.sync_user(
@@ -331,6 +353,8 @@ class Cycle:
         self._count(result)
         self._log_result(result, outcome.counts, outcome.auth_problem)
         self._results.add(result)
+        drop = dropped(kind, outcome.status, outcome.attempts, outcome.circuit_open)
+        return drop, outcome.attempts == 1 and not outcome.circuit_open
 
     @property
     def in_flight(self) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from daemon import control
 from daemon.backend import BackendClient
+from daemon.concurrency import Concurrency
 from daemon.cycle import Clock, Cycle, DbRunner, dry_run
 from daemon.errors import StoreError
 from daemon.metrics import Metrics
@@ -55,6 +56,8 @@ class CycleHost(Protocol):
     def clock(self) -> Clock: ...
     @property
     def gate(self) -> BackendGate: ...
+    @property
+    def concurrency(self) -> Concurrency: ...
     @property
     def switches(self) -> control.Switches: ...
 
@@ -208,6 +211,7 @@ class Cycles:
             carry=self._carry,
             start_delay=self._rng.uniform(0, settings.jitter_seconds) if jittered else 0.0,
             paused=lambda: host.switches.paused,
+            concurrency=host.concurrency,
         )
         self._carry = ()
         self._log.info("cycle_requested", reason=reason, run_id=cycle.run_id)

@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ _PLAIN = {  # outcome -> (status, error); 429 and 503 also carry Retry-After
 _COUNTERS: tuple[str, ...] = ("requests", "successes", "replays", "overlaps", "max_in_flight")
 _COUNTERS += ("idempotency_keys_seen", "requests_without_idempotency_key", "auth_failures")
 _COUNTERS += ("jobs_started", "jobs_succeeded", "jobs_failed", "progress_polls")
+_COUNTERS += ("capacity_rejections",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,12 @@ class Faults:
     fail_users: frozenset[str] = frozenset()
     set_cookie_users: frozenset[str] = frozenset()
     seed: int | None = None
+    # Server-side capacity: at most `capacity` requests do their `latency_ms` of work at
+    # once (0: no limit); the rest wait in line for a slot, so latency grows with the
+    # queue, and a request finding `queue_limit` already waiting is answered 503 with
+    # Retry-After (0: the line is unbounded).
+    capacity: int = 0
+    queue_limit: int = 0
 
     def __post_init__(self) -> None:
         for name in _USER_SETS:
@@ -146,11 +153,58 @@ class _Job:
     result: dict[str, Any] | None = None
 
 
+class _Slots:
+    """The server's capacity: requests take a slot for their work, first come first served.
+
+    A freed slot is handed straight to the first in line, so a newcomer never overtakes
+    the queue. The capacity is read at every turn, so a change at run time applies to
+    the requests already waiting.
+    """
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self.waiting: deque[asyncio.Future[None]] = deque()
+        self.most_waiting = 0  # the longest the line has been since the last reset
+
+    async def enter(self, capacity: int, queue_limit: int) -> bool:
+        """Take a slot (waiting in line when all are busy); False: the line is full."""
+        if not capacity or (self.busy < capacity and not self.waiting):
+            self.busy += 1
+            return True
+        if queue_limit and len(self.waiting) >= queue_limit:
+            return False
+        turn = asyncio.get_running_loop().create_future()
+        self.waiting.append(turn)
+        self.most_waiting = max(self.most_waiting, len(self.waiting))
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.leave(capacity)  # handed a slot just as the client gave up
+            elif turn in self.waiting:
+                self.waiting.remove(turn)
+            raise
+        return True  # the slot was handed over with the turn: busy already counts it
+
+    def leave(self, capacity: int) -> None:
+        if self.waiting and (not capacity or self.busy <= capacity):
+            self.waiting.popleft().set_result(None)  # the slot passes on, busy unchanged
+        else:
+            self.busy -= 1
+
+    def resize(self, capacity: int) -> None:
+        """A new capacity: let in as many of those waiting as now fit."""
+        while self.waiting and (not capacity or self.busy < capacity):
+            self.busy += 1
+            self.waiting.popleft().set_result(None)
+
+
 class _State:
     """Everything mutable lives here, one per app, so tests can run servers side by side."""
 
     def __init__(self, faults: Faults, token: str | None) -> None:
         self.token = token
+        self.slots = _Slots()
         self.set_faults(faults)
         self.stopping = asyncio.Event()  # lets hanging handlers end when the server stops
         self.user_active: Counter[str] = Counter()  # live requests and jobs per user
@@ -162,6 +216,7 @@ class _State:
     def set_faults(self, faults: Faults) -> None:
         self.faults = faults
         self.rng = random.Random(faults.seed)
+        self.slots.resize(faults.capacity)
 
     def reset(self) -> None:
         """Forget history but not live requests: their handlers still decrement on exit."""
@@ -173,6 +228,7 @@ class _State:
         self.keys.clear()
         self.n = dict.fromkeys(_COUNTERS, 0)
         self.n["max_in_flight"] = self.in_flight
+        self.slots.most_waiting = len(self.slots.waiting)
         self.by_status: Counter[str] = Counter()
         self.per_user_calls: Counter[str] = Counter()
         self.per_user_successes: Counter[str] = Counter()
@@ -211,6 +267,9 @@ class _State:
         return {
             **self.n,
             "in_flight": self.in_flight,
+            "busy": self.slots.busy,
+            "queued": len(self.slots.waiting),
+            "max_queued": self.slots.most_waiting,
             "by_status": dict(self.by_status),
             "per_user_calls": dict(self.per_user_calls),
             "per_user_successes": dict(self.per_user_successes),
@@ -296,8 +355,15 @@ async def _sync(request: web.Request) -> web.StreamResponse:
 
         f = st.faults
         delay = f.latency_ms + st.rng.uniform(-f.latency_jitter_ms, f.latency_jitter_ms)
-        if delay > 0:
-            await asyncio.sleep(delay / 1000)
+        if not await st.slots.enter(f.capacity, f.queue_limit):
+            st.n["capacity_rejections"] += 1
+            retry = {"Retry-After": str(f.retry_after_seconds)}
+            return st.answer(503, {"error": "over capacity"}, retry)
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay / 1000)
+        finally:
+            st.slots.leave(st.faults.capacity)
         if key is not None and (replay := st.keys.get(key)) is not None:
             st.n["replays"] += 1
             return st.answer(200, replay)

@@ -70,6 +70,8 @@ class Settings:
     interval_seconds: float = 300.0
     stale_after_seconds: float = 3600.0
     concurrency: int = 16
+    min_concurrency: int = 1
+    adaptive_concurrency: bool = True
     request_timeout_seconds: float = 30.0
     max_retries: int = 3
     retry_delay_seconds: float = 5.0
@@ -185,6 +187,11 @@ def _check_consistency(settings: Settings) -> None:
         raise ConfigError(
             "SYNC_POLL_MIN_SECONDS: must not exceed SYNC_POLL_MAX_SECONDS "
             f"({settings.poll_min_seconds:g} > {settings.poll_max_seconds:g})"
+        )
+    if settings.min_concurrency > settings.concurrency:
+        raise ConfigError(
+            "SYNC_MIN_CONCURRENCY: must not exceed SYNC_CONCURRENCY, the maximum "
+            f"({settings.min_concurrency} > {settings.concurrency})"
         )
     if len({settings.user_id_column, settings.user_email_column, settings.last_sync_column}) < 3:
         raise ConfigError(
@@ -319,6 +326,8 @@ _VARIABLES: dict[str, tuple[Callable[[str], Any], str]] = {
     "SYNC_INTERVAL_SECONDS": (_number(1, 86400), ""),
     "SYNC_STALE_AFTER_SECONDS": (_number(0, 10**8), ""),
     "SYNC_CONCURRENCY": (_integer(1, 1024), ""),
+    "SYNC_MIN_CONCURRENCY": (_integer(1, 1024), ""),
+    "SYNC_ADAPTIVE_CONCURRENCY": (_boolean, ""),
     "SYNC_REQUEST_TIMEOUT_SECONDS": (_number(0.01, 3600), ""),
     "SYNC_MAX_RETRIES": (_integer(0, 20), ""),
     "SYNC_RETRY_DELAY_SECONDS": (_number(0, 3600), ""),

@@ -62,6 +62,7 @@ def test_an_instance_30_s_ahead_never_calls_a_user_in_flight_or_abandons_live_wo
         SYNC_LEASE_SECONDS=LEASE_SECONDS,
         SYNC_REQUEST_TIMEOUT_SECONDS=CALL_SECONDS + 10,
         SYNC_CONCURRENCY=64,
+        SYNC_ADAPTIVE_CONCURRENCY="false",  # all 64 in flight from the first call
         SYNC_CLAIM_BATCH_SIZE=64,
     )
     right = harness.start_daemon(env)

@@ -323,6 +323,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(harness: Harness) -> None
         backend,
         SYNC_INTERVAL_SECONDS=3600,
         SYNC_CONCURRENCY=4,
+        SYNC_ADAPTIVE_CONCURRENCY="false",  # all 4 in flight from the first call
         SYNC_SHUTDOWN_GRACE_SECONDS=grace,
     )
     daemon = harness.start_daemon(env)
@@ -363,6 +364,7 @@ def test_sigterm_past_the_grace_period_cuts_calls_and_releases_leases(harness: H
         backend,
         SYNC_INTERVAL_SECONDS=3600,
         SYNC_CONCURRENCY=4,
+        SYNC_ADAPTIVE_CONCURRENCY="false",  # all 4 in flight from the first call
         SYNC_REQUEST_TIMEOUT_SECONDS=30,
         SYNC_LEASE_SECONDS=60,
         SYNC_SHUTDOWN_GRACE_SECONDS=1,

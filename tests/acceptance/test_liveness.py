@@ -99,6 +99,7 @@ def test_cleanup_refuses_a_threshold_below_the_lease_and_leaves_a_live_cycle_alo
         backend,
         SYNC_INTERVAL_SECONDS=3600,
         SYNC_CONCURRENCY=4,
+        SYNC_ADAPTIVE_CONCURRENCY="false",  # all 4 in flight from the first call
         SYNC_MAX_RETRIES=0,
         SYNC_LEASE_SECONDS=lease,
         SYNC_REQUEST_TIMEOUT_SECONDS=lease - 20,

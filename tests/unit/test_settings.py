@@ -65,6 +65,9 @@ def test_systemd_state_directory_holds_the_default_database() -> None:
         ("SYNC_DATABASE_URL", "not a url"),
         ("SYNC_MAX_REQUESTS_PER_SECOND", "0"),
         ("SYNC_QUARANTINE_AFTER", "0"),
+        ("SYNC_MIN_CONCURRENCY", "0"),
+        ("SYNC_MIN_CONCURRENCY", "17"),
+        ("SYNC_ADAPTIVE_CONCURRENCY", "sometimes"),
     ],
 )
 def test_bad_value_is_one_error_naming_the_variable(variable: str, value: str) -> None:
@@ -78,6 +81,19 @@ def test_bad_value_is_one_error_naming_the_variable(variable: str, value: str) -
 def test_a_lease_shorter_than_a_request_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"^SYNC_LEASE_SECONDS:"):
         load({"SYNC_LEASE_SECONDS": "10", "SYNC_REQUEST_TIMEOUT_SECONDS": "30"})
+
+
+def test_a_minimum_concurrency_above_the_maximum_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^SYNC_MIN_CONCURRENCY: .*SYNC_CONCURRENCY.*\(5 > 4\)"):
+        load({"SYNC_MIN_CONCURRENCY": "5", "SYNC_CONCURRENCY": "4"})
+    settings = load({"SYNC_MIN_CONCURRENCY": "4", "SYNC_CONCURRENCY": "4"})
+    assert (settings.min_concurrency, settings.concurrency) == (4, 4)
+
+
+def test_concurrency_adapts_by_default_and_can_be_fixed() -> None:
+    assert load({}).adaptive_concurrency is True
+    assert load({}).min_concurrency == 1
+    assert load({"SYNC_ADAPTIVE_CONCURRENCY": "false"}).adaptive_concurrency is False
 
 
 def test_empty_status_address_disables_the_status_server() -> None:
