@@ -464,11 +464,12 @@ class App:
         """The moment's facts `status` shows beside the thresholds (the instance row)."""
         cycle = self._cycles.running
         return thresholds.Live(
-            in_flight=cycle.in_flight if cycle is not None else 0,
+            in_flight=self.concurrency.in_flight,
             run_id=cycle.run_id if cycle is not None else None,
             next_cycle_in_s=None if cycle is not None else self._cycles.seconds_until_next(),
             probe_in_s=self.gate.probe_in(),
             health_reasons=self.health().reasons,
+            concurrency=self.concurrency.limiter.as_dict(),
         )
 
     def _apply_control(self, row: control.Control) -> None:

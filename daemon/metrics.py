@@ -301,6 +301,29 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.concurrency_limit = Gauge(
+            "background_sync_concurrency_limit",
+            "Backend calls this instance lets be in flight at once now (adaptive).",
+            registry=self.registry,
+        )
+        self.concurrency_max = Gauge(
+            "background_sync_concurrency_max",
+            "The most backend calls in flight at once (SYNC_CONCURRENCY).",
+            registry=self.registry,
+        )
+        self.latency_baseline = Gauge(
+            "background_sync_backend_latency_baseline_seconds",
+            "The backend's unloaded latency as the concurrency limit measures it.",
+            registry=self.registry,
+        )
+        self.limit_changes = Counter(
+            "background_sync_concurrency_limit_changes_total",
+            "Changes of the concurrency limit, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REASONS:
+            self.limit_changes.labels(reason)
         self.show_instances({})
         self._freshness = FreshnessCollector()
         self.registry.register(self._freshness)
@@ -333,30 +356,6 @@ class Metrics:
         """Instances by state, from the sync_instances table (every control poll)."""
         for state in (*INSTANCE_STATES, *counts):
             self.instances.labels(state).set(counts.get(state, 0))
-
-        self.concurrency_limit = Gauge(
-            "background_sync_concurrency_limit",
-            "Backend calls this instance lets be in flight at once now (adaptive).",
-            registry=self.registry,
-        )
-        self.concurrency_max = Gauge(
-            "background_sync_concurrency_max",
-            "The most backend calls in flight at once (SYNC_CONCURRENCY).",
-            registry=self.registry,
-        )
-        self.latency_baseline = Gauge(
-            "background_sync_backend_latency_baseline_seconds",
-            "The backend's unloaded latency as the concurrency limit measures it.",
-            registry=self.registry,
-        )
-        self.limit_changes = Counter(
-            "background_sync_concurrency_limit_changes_total",
-            "Changes of the concurrency limit, by reason.",
-            ["reason"],
-            registry=self.registry,
-        )
-        for reason in REASONS:
-            self.limit_changes.labels(reason)
 
     def show_concurrency(self, limiter: Limiter, reason: str | None = None) -> None:
         """Set at start and at each change of the limit (never per call)."""

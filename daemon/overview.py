@@ -179,6 +179,9 @@ def _instances(session: Session, db_now: datetime) -> list[dict[str, Any]]:
                 "settings": recorded,
                 "health_reasons": [str(r) for r in live.get("health_reasons") or []],
                 "in_flight": live.get("in_flight"),
+                "concurrency": live.get("concurrency")
+                if isinstance(live.get("concurrency"), dict)
+                else None,
                 "run_id": live.get("run_id"),
                 "next_cycle_at": _after(heartbeat, live.get("next_cycle_in_s")),
                 "next_probe_at": _after(heartbeat, live.get("probe_in_s")),
@@ -206,6 +209,7 @@ def _running(
     takes each difference on one clock only.
     """
     in_flight = {i["run_id"]: i["in_flight"] for i in found if i["live"] and i["run_id"]}
+    limits = {i["run_id"]: i["concurrency"] for i in found if i["live"] and i["run_id"]}
     gone = {i["instance"] for i in found if not i["live"]}
     rows = session.execute(
         select(runs).where(runs.c.outcome == "running").order_by(desc(runs.c.started_at))
@@ -243,6 +247,7 @@ def _running(
                 "counts_at": _iso(r.heartbeat_at),
                 "counts_age_s": round(counts_age, 1),
                 "calls_in_flight": in_flight.get(r.id),
+                "concurrency": limits.get(r.id),
             }
         )
     return shown

@@ -142,7 +142,23 @@ def _running_line(run: dict[str, Any]) -> str:
         line += f", {run['leases_held']} leases held now"
     if run["calls_in_flight"] is not None:
         line += f", {run['calls_in_flight']} call(s) in flight"
+        line += _limit_text(run.get("concurrency"))
     return line + f" (counts as of {ages.span(run['counts_age_s'])} ago)"
+
+
+def _limit_text(limit: Any) -> str:
+    """ " (limit 12 of 16: latency above the baseline; baseline 52 ms)", "" when unknown."""
+    if not isinstance(limit, dict) or limit.get("limit") is None:
+        return ""
+    text = f" (limit {limit['limit']} of {limit.get('maximum')}"
+    if limit.get("adaptive") is False:
+        return text + ", fixed)"
+    if limit.get("reason"):
+        text += f": {limit['reason']}"
+    baseline = limit.get("baseline_s")
+    if isinstance(baseline, int | float):
+        text += f"; baseline {round(baseline * 1000)} ms"
+    return text + ")"
 
 
 def _failed_lines(data: dict[str, Any], db_now: datetime, now: datetime) -> list[str]:

@@ -45,13 +45,17 @@ NAMES = (
 
 @dataclass(frozen=True)
 class Live:
-    """What an instance knows at the moment it writes its row."""
+    """What an instance knows at the moment it writes its row. `in_flight` counts the
+    backend calls holding a concurrency slot, not the users claimed."""
 
     in_flight: int = 0
     run_id: str | None = None
     next_cycle_in_s: float | None = None
     probe_in_s: float | None = None
     health_reasons: tuple[str, ...] = ()
+    # The adaptive concurrency limit, its last reason and the latency baseline
+    # (daemon.limiter.Limiter.as_dict).
+    concurrency: Mapping[str, Any] | None = None
 
 
 def dump(settings: Settings, live: Live) -> str:
@@ -65,6 +69,7 @@ def dump(settings: Settings, live: Live) -> str:
         "next_cycle_in_s": _seconds(live.next_cycle_in_s),
         "probe_in_s": _seconds(live.probe_in_s),
         "health_reasons": list(live.health_reasons),
+        "concurrency": None if live.concurrency is None else dict(live.concurrency),
     }
     return json.dumps(found, sort_keys=True)
 

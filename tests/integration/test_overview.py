@@ -116,7 +116,9 @@ def test_with_no_instance_running_the_callers_thresholds_are_used_and_said_to_be
 def test_a_running_cycle_shows_the_progress_its_heartbeat_wrote(app_db: AppDatabase) -> None:
     app_db.seed(10)
     store = app_db.store(instance="daemon")
-    report(app_db, "daemon", live=thresholds.Live(in_flight=3, run_id="run1"), state="syncing")
+    limit = {"adaptive": True, "limit": 3, "maximum": 4, "reason": "drop", "baseline_s": 0.052}
+    live = thresholds.Live(in_flight=3, run_id="run1", concurrency=limit)
+    report(app_db, "daemon", live=live, state="syncing")
     now = utcnow()
     store.start_run("run1", now=now - timedelta(seconds=20), due=10)
     claimed = store.claim(
@@ -145,6 +147,7 @@ def test_a_running_cycle_shows_the_progress_its_heartbeat_wrote(app_db: AppDatab
     text = screen.render(data)
     assert "cycle running 20 s: 5 of 10 (50 %)" in text
     assert "6 claimed so far, 6 leases held now, 3 call(s) in flight" in text
+    assert "in flight (limit 3 of 4: drop; baseline 52 ms)" in text
 
 
 def test_failing_users_come_most_failures_first_then_in_numeric_id_order(
