@@ -343,7 +343,7 @@ def _next(data: dict[str, Any], db_now: datetime) -> dict[str, Any]:
     attempts = [
         u["next_attempt_at"]
         for u in data["failing_users"]
-        if u["next_attempt_at"] is not None and (u["next_attempt_in_s"] or 0) > 0
+        if u["next_attempt_at"] is not None and (u["next_attempt_in_s"] or 0) >= 1
     ]
     return {"instances": per_instance, "next_attempt_at": min(attempts) if attempts else None}
 

@@ -202,7 +202,7 @@ def _failed_users_text(run: dict[str, Any]) -> str:
 def _next_attempt(user: dict[str, Any], db_now: datetime) -> str:
     """ "next attempt in 4 min", or, once the backoff is over, at the next cycle."""
     wait = user["next_attempt_in_s"]
-    if wait is None or wait <= 0:
+    if wait is None or wait < 1:
         return "next attempt at the next cycle"
     return f"next attempt {_ago(user['next_attempt_at'], db_now)}"
 
