@@ -66,16 +66,6 @@ SPECIFIED = frozenset(
         "background_sync_concurrency_limit_changes_total",
     }
 )
-# The adaptive concurrency limit's metrics (SYNC_ADAPTIVE_CONCURRENCY): the dashboard shows
-# them, and a daemon without the adaptive limit exposes none of them.
-ADAPTIVE_CONCURRENCY = frozenset(
-    {
-        "background_sync_concurrency_limit",
-        "background_sync_concurrency_max",
-        "background_sync_backend_latency_baseline_seconds",
-        "background_sync_concurrency_limit_changes_total",
-    }
-)
 # What a family's samples add to its name: histograms, counters, gauge histograms.
 SUFFIXES = ("_bucket", "_sum", "_count", "_total", "_created", "_gcount", "_gsum")
 _NAME = re.compile(r"\bbackground_sync_[a-z0-9_]+")
@@ -225,6 +215,4 @@ def test_every_queried_name_is_in_the_metrics_specification() -> None:
 
 @pytest.mark.parametrize("name", sorted(queried_names()))
 def test_every_queried_metric_is_exposed_by_the_daemon(name: str) -> None:
-    if name in ADAPTIVE_CONCURRENCY and not is_exposed(name, exposed_names()):
-        pytest.xfail(f"{name}: this version of the daemon has no adaptive concurrency limit")
     assert is_exposed(name, exposed_names()), f"{name} is not exposed by daemon.metrics"
