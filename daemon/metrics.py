@@ -301,29 +301,6 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
-        self.concurrency_limit = Gauge(
-            "background_sync_concurrency_limit",
-            "Backend calls this instance lets be in flight at once now (adaptive).",
-            registry=self.registry,
-        )
-        self.concurrency_max = Gauge(
-            "background_sync_concurrency_max",
-            "The most backend calls in flight at once (SYNC_CONCURRENCY).",
-            registry=self.registry,
-        )
-        self.latency_baseline = Gauge(
-            "background_sync_backend_latency_baseline_seconds",
-            "The backend's unloaded latency as the concurrency limit measures it.",
-            registry=self.registry,
-        )
-        self.limit_changes = Counter(
-            "background_sync_concurrency_limit_changes_total",
-            "Changes of the concurrency limit, by reason.",
-            ["reason"],
-            registry=self.registry,
-        )
-        for reason in REASONS:
-            self.limit_changes.labels(reason)
         self.show_instances({})
         self.concurrency_limit = Gauge(
             "background_sync_concurrency_limit",
