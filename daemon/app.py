@@ -35,6 +35,7 @@ from daemon import (
     overview,
     schema,
     statusweb,
+    thresholds,
 )
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
@@ -447,6 +448,8 @@ class App:
                 circuit=self.gate.state.value,
                 status=self.status_line(),
                 bound_s=self.settings.lease_seconds,
+                settings=thresholds.dump(self.settings, self._live()),
+                health=self.health().state.value,
             )
         except StoreError as exc:
             if self._health.database_down_since is None:
@@ -456,6 +459,18 @@ class App:
         self._note_database(True)
         self.metrics.show_instances(self._control.instances)
         self._apply_control(switches)
+
+    def _live(self) -> thresholds.Live:
+        """The moment's facts `status` shows beside the thresholds (the instance row)."""
+        cycle = self._cycles.running
+        return thresholds.Live(
+            in_flight=self.concurrency.in_flight,
+            run_id=cycle.run_id if cycle is not None else None,
+            next_cycle_in_s=None if cycle is not None else self._cycles.seconds_until_next(),
+            probe_in_s=self.gate.probe_in(),
+            health_reasons=self.health().reasons,
+            concurrency=self.concurrency.limiter.as_dict(),
+        )
 
     def _apply_control(self, row: control.Control) -> None:
         forced = self.switches.apply(row)

@@ -6,7 +6,9 @@ which the unit lists in RestartPreventExitStatus= so a typo does not restart-loo
 3 when `once` or `force` finds syncing paused, so a script can tell "held back" from
 "failed" (`once --ignore-pause` runs anyway).
 64 (EX_USAGE) for a command-line value that would do harm, such as a `cleanup`
-threshold shorter than the lease.
+threshold shorter than the lease; bad arguments exit 2 (argparse), which no other status
+uses. `status` exits with the state (0 healthy ... 6 not running: daemon.overview).
+Every command's --help ends with its exit statuses (`_EXITS`).
 67 (EX_NOUSER) when `status --user` or `retry` names a user that is not in the users
 table; `retry` exits 75 (EX_TEMPFAIL) when it left a user alone because a live lease
 holds it (an instance is calling that user right now).
@@ -19,6 +21,7 @@ import asyncio
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from daemon.errors import ConfigError, StoreError
 from daemon.settings import Settings
 
 EX_USAGE = 64
+EX_ARGUMENTS = 2  # argparse's own, for bad command-line arguments
 EX_NOUSER = 67
 RETRY_EXIT_STATUSES = """exit status (the first that applies):
   3   --now while paused: users released, no cycle requested (as `force`)
@@ -198,13 +202,20 @@ def _inspect_users_table(settings: Settings) -> dict[str, Any]:
 def _status(settings: Settings, args: argparse.Namespace) -> int:
     if args.user is not None:
         return _status_user(settings, args)
-    from daemon import overview, schema
+    from daemon import overview, schema, screen
     from daemon.app import instance_name
-    from daemon.database import utcnow
+    from daemon.database import SCHEMA_REVISION, current_revision, utcnow
     from daemon.store import Store
 
     db = _with_database(settings)
     try:
+        revision = current_revision(db.engine)
+        if revision != SCHEMA_REVISION:
+            # Its columns are not there yet: a query error would read as an outage (69).
+            raise ConfigError(
+                f"SYNC_DATABASE_URL: the daemon's tables are at revision {revision}, this "
+                f"version needs {SCHEMA_REVISION}; run `background-sync migrate`"
+            )
         store = Store(
             db,
             schema.inspect_users(db.engine, settings),
@@ -214,8 +225,19 @@ def _status(settings: Settings, args: argparse.Namespace) -> int:
         data = overview.collect(db, store, settings, now=utcnow())
     finally:
         db.dispose()
-    print(json.dumps(data, indent=2, default=str) if args.json else overview.render(data))
-    return EX_OK
+    _print(json.dumps(data, indent=2, default=str) if args.json else screen.render(data))
+    return int(data["verdict"]["exit_status"])
+
+
+def _print(text: str) -> None:
+    """Print, and leave quietly when the reader has gone (`status | head -1`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would print a traceback at exit when flushing the closed pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _status_user(settings: Settings, args: argparse.Namespace) -> int:
@@ -231,7 +253,7 @@ def _status_user(settings: Settings, args: argparse.Namespace) -> int:
         )
     finally:
         db.dispose()
-    print(json.dumps(data, indent=2) if args.json else userview.render(data, now=now))
+    _print(json.dumps(data, indent=2) if args.json else userview.render(data, now=now))
     return EX_OK if data["in_users_table"] else EX_NOUSER
 
 
@@ -295,8 +317,19 @@ def _operator() -> str:
 
 
 def _with_database(settings: Settings) -> Any:
+    from sqlalchemy.engine import make_url
+
     from daemon.database import Database, engine_for, has_daemon_tables
 
+    url = make_url(settings.database_url)
+    path = url.database or ""
+    sqlite = url.get_backend_name() == "sqlite" and path not in ("", ":memory:")
+    if sqlite and not Path(path).is_file():
+        # Opening it would create an empty database where the operator expected theirs.
+        raise ConfigError(
+            f"SYNC_DATABASE_URL: no database file at {path}; check the path "
+            "(the daemon's is in its StateDirectory) or run `background-sync migrate`"
+        )
     db = Database(engine_for(settings), attempts=3)
     if not has_daemon_tables(db.engine):
         db.dispose()
@@ -416,6 +449,105 @@ _COMMANDS = {
 }
 
 
+# Every command's --help ends with its exit statuses; these close each list.
+_DATABASE_EXITS = (
+    (EX_UNAVAILABLE, "the database could not be reached"),
+    (
+        EX_CONFIG,
+        "a setting to fix (named on stderr): a bad value, a missing SQLite file "
+        "or tables, a refused login",
+    ),
+    (EX_ARGUMENTS, "bad command-line arguments"),
+)
+_EXITS: dict[str, tuple[tuple[int, str], ...]] = {
+    "run": (
+        (EX_OK, "stopped by SIGTERM or SIGINT after draining"),
+        (1, "a cycle crashed (a bug): systemd restarts a clean process"),
+        (EX_UNAVAILABLE, "the database was unreachable for 60 s at start"),
+        (70, "a side task (control poll, watchdog feeder) kept failing"),
+        (74, "the SQLite file was deleted or replaced while running"),
+        (75, "the database stayed away past SYNC_DATABASE_OUTAGE_SECONDS"),
+        (EX_CONFIG, "a setting to fix, or a users table changed under the daemon"),
+        (EX_ARGUMENTS, "bad command-line arguments"),
+    ),
+    "once": (
+        (EX_OK, "every due user synced"),
+        (1, "some user failed, or the cycle could not complete"),
+        (EX_PAUSED, "paused by an operator: nothing synced (see --ignore-pause)"),
+        (74, "the SQLite file was deleted or replaced while running"),
+        (75, "the cycle ended on a database outage"),
+        *_DATABASE_EXITS,
+    ),
+    "migrate": ((EX_OK, "the tables are at this version's revision"), *_DATABASE_EXITS),
+    "check-config": (
+        (EX_OK, "the settings are valid (an unreachable database is only warned about)"),
+        (EX_CONFIG, "a setting to fix, or a users table the daemon cannot work with"),
+        (EX_ARGUMENTS, "bad command-line arguments"),
+    ),
+    "status": (
+        (0, "healthy: every running instance is healthy"),
+        (
+            1,
+            "warning: an instance's last cycles could not complete, its circuit is "
+            "half-open, or freshness is below the objective",
+        ),
+        (3, "paused by an operator (and nothing worse)"),
+        (
+            4,
+            "degraded: the circuit is open, the database is failing, cycles keep "
+            "failing, or freshness is far below the objective",
+        ),
+        (
+            5,
+            "unhealthy: credentials rejected, a stalled cycle, a configuration problem; "
+            "or lost: no instance is live and one died without stopping",
+        ),
+        (6, "not running: no instance is live"),
+        (
+            67,
+            "--user ID: ID is not in the users table (with --user, 0 when it is, "
+            "whatever the state)",
+        ),
+        *_DATABASE_EXITS,
+    ),
+    "pause": ((EX_OK, "paused (or already paused)"), *_DATABASE_EXITS),
+    "resume": ((EX_OK, "resumed (or not paused)"), *_DATABASE_EXITS),
+    "force": (
+        (EX_OK, "a cycle was requested from every running instance"),
+        (EX_PAUSED, "paused: nothing requested"),
+        *_DATABASE_EXITS,
+    ),
+    "cleanup": (
+        (EX_OK, "cleaned up (the counts are printed)"),
+        (EX_USAGE, "--stale-after shorter than SYNC_LEASE_SECONDS"),
+        *_DATABASE_EXITS,
+    ),
+    "seed-demo": ((EX_OK, "the demo table holds --users users"), *_DATABASE_EXITS),
+}
+
+
+def _epilog(command: str) -> str:
+    rows = [
+        textwrap.fill(meaning, 79, initial_indent=f"  {code:>3}  ", subsequent_indent=" " * 7)
+        for code, meaning in sorted(_EXITS[command])
+    ]
+    return "\n".join(["exit statuses:", *rows])
+
+
+def _command(
+    sub: Any, name: str, *, parents: list[argparse.ArgumentParser], help: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help lists its exit statuses."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        parents=parents,
+        help=help,
+        epilog=_epilog(name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="background-sync",
@@ -430,17 +562,18 @@ def _parser() -> argparse.ArgumentParser:
         help="KEY=VALUE file layered over the environment, re-read on SIGHUP",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", parents=[env], help="run the daemon in the foreground")
-    once = sub.add_parser(
-        "once", parents=[env], help="run one cycle; exit 1 if any user failed, 3 if paused"
+    _command(sub, "run", parents=[env], help="run the daemon in the foreground")
+    once = _command(
+        sub, "once", parents=[env], help="run one cycle; exit 1 if any user failed, 3 if paused"
     )
     once.add_argument(
         "--ignore-pause",
         action="store_true",
         help="run even while an operator's pause holds (which otherwise exits 3)",
     )
-    sub.add_parser("migrate", parents=[env], help="create or upgrade the daemon's tables")
-    check = sub.add_parser(
+    _command(sub, "migrate", parents=[env], help="create or upgrade the daemon's tables")
+    check = _command(
+        sub,
         "check-config",
         parents=[env],
         help="print the effective configuration and check the users table",
@@ -450,7 +583,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the settings only; do not connect to the database",
     )
-    status = sub.add_parser("status", parents=[env], help="recent runs, due and failing users")
+    status = _command(
+        sub,
+        "status",
+        parents=[env],
+        help="what every instance is doing, what failed and why, what happens next",
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--user",
@@ -459,11 +597,11 @@ def _parser() -> argparse.ArgumentParser:
         help="one user: state, lease, last attempts, next attempt, quarantine, retry "
         "(exit 67 if ID is not in the users table)",
     )
-    sub.add_parser("pause", parents=[env], help="stop claiming users, on every instance")
-    sub.add_parser("resume", parents=[env], help="undo pause")
-    sub.add_parser("force", parents=[env], help="start a cycle now, on every instance")
-    cleanup = sub.add_parser(
-        "cleanup", parents=[env], help="record and free work that crashed instances left"
+    _command(sub, "pause", parents=[env], help="stop claiming users, on every instance")
+    _command(sub, "resume", parents=[env], help="undo pause")
+    _command(sub, "force", parents=[env], help="start a cycle now, on every instance")
+    cleanup = _command(
+        sub, "cleanup", parents=[env], help="record and free work that crashed instances left"
     )
     cleanup.add_argument(
         "--stale-after",
@@ -486,7 +624,7 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("users", nargs="*", metavar="ID", help="user ids to release")
     retry.add_argument("--quarantined", action="store_true", help="release every quarantined user")
     retry.add_argument("--now", action="store_true", help="also request a cycle now, like `force`")
-    seed = sub.add_parser("seed-demo", parents=[env], help="create and fill a demo users table")
+    seed = _command(sub, "seed-demo", parents=[env], help="create and fill a demo users table")
     seed.add_argument("--users", type=int, default=25, help="how many users the table should hold")
     from daemon import logview
 

@@ -146,12 +146,15 @@ def report_instance(
     state: str,
     circuit: str,
     status: str,
+    settings: str | None = None,
+    health: str | None = None,
 ) -> Reported:
     """Refresh this instance's row, read the control row and count every instance by
     state, in one short transaction.
 
     The heartbeat is the database's time (`cleanup` compares it with that); `now` is
-    not used.
+    not used. `settings` (JSON, see daemon.thresholds) and `health` are what `status`
+    judges by.
     """
     values: dict[str, Any] = {
         "heartbeat_at": dbclock.now(db.dialect),
@@ -159,6 +162,10 @@ def report_instance(
         "circuit": circuit,
         "status": status[:255],
     }
+    if settings is not None:
+        values["settings"] = settings
+    if health is not None:
+        values["health"] = health[:16]
 
     def unit(session: Session) -> Reported:
         updated = session.execute(
@@ -339,6 +346,8 @@ class Poll:
         circuit: str,
         status: str,
         bound_s: float,
+        settings: str | None = None,
+        health: str | None = None,
     ) -> Control:
         """Publish this instance's row and read the control row (StoreError if it fails),
         and every instance's state (kept in `instances`, for the metrics)."""
@@ -352,6 +361,8 @@ class Poll:
                 state=state,
                 circuit=circuit,
                 status=status,
+                settings=settings,
+                health=health,
             )
         self.instances = reported.instances
         return reported.control

@@ -28,7 +28,7 @@ from daemon.logs import get_logger
 from daemon.progress import Progress
 from daemon.recorder import Recorder
 from daemon.settings import Settings
-from daemon.store import Cursor, Store, new_run_id
+from daemon.store import Cursor, RunCounts, Store, new_run_id
 from daemon.values import Claim, Outcome, Report, Result
 
 P = ParamSpec("P")
@@ -135,11 +135,15 @@ class Cycle:
         error: str | None = None
         bug: Exception | None = None
         try:
-            await self._bounded_db("start_run", self._store.start_run, self.run_id, now=started)
+            due: int | None = None
             with contextlib.suppress(StoreError):
-                self.progress.total = await self._bounded_db(
+                due = await self._bounded_db(
                     "count_due", self._store.count_due, now=started, stale_before=stale_before
                 )
+                self.progress.total = due
+            await self._bounded_db(
+                "start_run", self._store.start_run, self.run_id, now=started, due=due
+            )
             self._log.info("cycle_started", due=self.progress.total)
             await self._work(stale_before)
         except SchemaError as exc:
@@ -422,10 +426,25 @@ class Cycle:
             await asyncio.sleep(interval)
             try:
                 await self._bounded_db(
-                    "heartbeat", self._store.heartbeat, self.run_id, now=self._clock.now()
+                    "heartbeat",
+                    self._store.heartbeat,
+                    self.run_id,
+                    now=self._clock.now(),
+                    counts=self._counts(),
                 )
             except StoreError as exc:
                 self._results.degrade(exc)
+
+    def _counts(self) -> RunCounts:
+        """The progress so far, for the run row (the heartbeat writes it)."""
+        p = self.progress
+        return RunCounts(
+            due=max(p.total, p.claimed) if (p.total or p.claimed) else None,
+            claimed=p.claimed,
+            succeeded=p.succeeded,
+            failed=p.failed,
+            skipped=p.skipped,
+        )
 
     async def _wind_down(self) -> None:
         """Record what finished, give back what did not, close the run row."""

@@ -133,7 +133,10 @@ def _freshness_verdict(found: Freshness, falling: int) -> tuple[HealthState, str
 
 
 def cycle_failed(report: Report) -> bool:
-    """A cycle that could not complete; single users failing do not count."""
+    """A cycle that could not complete; single users failing do not count, nor does an
+    operator's pause (its run records why it stopped early, but nothing went wrong)."""
+    if report.outcome == "paused":
+        return False
     return report.outcome == "crashed" or report.error is not None
 
 

@@ -59,7 +59,7 @@ def test_status_says_the_circuit_is_open_and_when_it_probes(harness: Harness) ->
 
     def instance_row() -> dict[str, str] | None:
         shown = harness.cli("status", "--json", env=env)
-        assert shown.returncode == 0, shown.stderr
+        assert shown.returncode in (0, 4), shown.stderr  # healthy, then degraded: circuit open
         [row] = json.loads(shown.stdout)["instances"]
         return row if PROBE_IN.search(row["status"] or "") else None
 

@@ -644,7 +644,7 @@ def test_status_reports_runs_and_failing_users(harness: Harness) -> None:
     run_id = next(e["run_id"] for e in json_lines(run.stdout) if e.get("event") == "cycle_finished")
 
     shown = harness.cli("status", "--json", env=env)
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == 6, shown.stderr  # `once` has ended: no instance is running
     data = json.loads(shown.stdout)
     runs = {r["run_id"]: r for r in data["recent_runs"]}
     assert run_id in runs, data
@@ -656,7 +656,7 @@ def test_status_reports_runs_and_failing_users(harness: Harness) -> None:
     assert set(failing) == {"2"}, data["failing_users"]
     assert failing["2"]["consecutive_failures"] == 1
     assert failing["2"]["last_status"] == 500
-    assert data["users_in_flight"] == 0
+    assert data["users_claimed"] == 0
     assert db.synced_ids() == {1, 3, 4, 5, 6}
 
 

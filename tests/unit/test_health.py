@@ -70,6 +70,13 @@ def test_users_failing_one_by_one_do_not_fail_the_cycle() -> None:
     assert assess(Facts(consecutive_failed_cycles=stats.consecutive_failures)).state == "healthy"
 
 
+def test_a_cycle_an_operator_paused_is_not_a_cycle_that_could_not_complete() -> None:
+    stats = CycleStats()
+    paused = report("paused", "paused by an operator; 359 claimed user(s) released")
+    stats.record(paused, datetime.now(UTC))
+    assert (stats.failed, stats.consecutive_failures) == (0, 0)
+
+
 def test_statistics_count_cycles_rates_durations_and_the_last_error() -> None:
     stats = CycleStats()
     at = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
