@@ -24,7 +24,17 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon import control, dberrors, envfile, health, logs, overview, schema, statusweb
+from daemon import (
+    control,
+    dberrors,
+    envfile,
+    health,
+    logs,
+    overview,
+    scheduler,
+    schema,
+    statusweb,
+)
 from daemon import settings as settings_module
 from daemon.backend import BackendClient
 from daemon.cycle import Clock, DbRunner
@@ -52,6 +62,8 @@ EX_CONFIG = 78
 
 STARTUP_DATABASE_WAIT_SECONDS = 60.0
 DATABASE_RETRY_SECONDS = 30.0
+# While a cycle runs the loop looks every second (STATUS= shows its progress); between
+# cycles it sleeps until the next tick, woken by the control poll, a signal or a request.
 LOOP_WAKE_SECONDS = 1.0
 CONTROL_POLL_SECONDS = control.POLL_SECONDS
 # A clean stop says so in the instance row; a database that does not answer in this
@@ -265,6 +277,7 @@ class App:
                 await status_runner.cleanup()
             await self._backend.close()
             await asyncio.to_thread(self._db_runner.close)
+            self._control.close()  # the database thread has ended: no unit uses it now
             database.dispose()
 
     async def _advise_index(self, store: Store) -> None:
@@ -364,8 +377,13 @@ class App:
                 self._notifier.status(self.status_line())
                 self.metrics.show_health(self.health().state.value)
                 self._wake.clear()
+                wait = scheduler.loop_wait(
+                    cycle_running=self._cycles.running is not None,
+                    until_tick=self._cycles.seconds_until_next(),
+                    busy_every=LOOP_WAKE_SECONDS,
+                )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), LOOP_WAKE_SECONDS)
+                    await asyncio.wait_for(self._wake.wait(), wait)
             return await self._shut_down()
         finally:
             await side_tasks.close()
@@ -403,10 +421,17 @@ class App:
         return True
 
     async def _control_loop(self) -> None:
-        """Its own task, so a slow or absent database never holds up the main loop."""
+        """Its own task, so a slow or absent database never holds up the main loop.
+
+        Each poll then wakes the main loop, which refreshes STATUS= and the health gauge
+        and looks at the SQLite file: between cycles nothing else wakes it before the tick.
+        """
         while True:
             await asyncio.sleep(CONTROL_POLL_SECONDS)
-            await self._poll_control()
+            try:
+                await self._poll_control()
+            finally:
+                self._wake.set()
 
     async def _poll_control(self) -> None:
         """Publish this instance's state; read pause and force."""

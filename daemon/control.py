@@ -16,18 +16,30 @@ daemon that died (kill -9, a host gone): `status` calls it lost.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, exists, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Update,
+    bindparam,
+    delete,
+    exists,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from daemon import __version__, dbclock
 from daemon.database import Database, aware
 from daemon.models import control, instances, operations, runs, user_state
+from daemon.pollconn import PollConnection
 from daemon.progress import Progress
 
 # How often a running instance refreshes its row and reads the switches.
@@ -84,8 +96,12 @@ def read(db: Database) -> Control:
     return db.transaction(read_in, name="read_control")
 
 
-def read_in(session: Session) -> Control:
-    row = session.execute(select(control).where(control.c.id == 1)).first()
+# Built once: building a statement costs more CPU than running it on SQLite.
+_READ_CONTROL = select(control).where(control.c.id == 1)
+
+
+def read_in(session: Session | Connection) -> Control:
+    row = session.execute(_READ_CONTROL).first()
     if row is None:
         return Control()
     return Control(
@@ -134,18 +150,28 @@ def report_instance(
     state: str,
     circuit: str,
     status: str,
+    connection: PollConnection | None = None,
 ) -> Control:
     """Refresh this instance's row and read the control row, in one short transaction.
 
     The heartbeat is the database's time (`cleanup` compares it with that); `now` is
-    not used.
+    not used. With `connection` (the poll's kept one) the usual case, a row to refresh,
+    runs there as two Core statements; a missing row or any error falls back to the
+    ordinary transaction below, with its retries.
     """
-    values: dict[str, Any] = {
-        "heartbeat_at": dbclock.now(db.dialect),
-        "state": state,
-        "circuit": circuit,
-        "status": status[:255],
-    }
+    written: dict[str, Any] = {"state": state, "circuit": circuit, "status": status[:255]}
+
+    def kept(conn: Connection) -> Control | None:
+        statement = _refresh_statement(db.dialect, tuple(written))
+        updated = conn.execute(statement, {"row_instance": instance, **written}).rowcount
+        return read_in(conn) if updated else None
+
+    if connection is not None:
+        seen = connection.run(kept)
+        if seen is not None:
+            return seen
+
+    values = {"heartbeat_at": dbclock.now(db.dialect), **written}
 
     def unit(session: Session) -> Control:
         updated = session.execute(
@@ -160,6 +186,16 @@ def report_instance(
         return read_in(session)
 
     return db.transaction(unit, name="report_instance")
+
+
+@functools.cache
+def _refresh_statement(dialect: str, keys: tuple[str, ...]) -> Update:
+    """The poll's UPDATE of an instance row, built once per set of columns it writes."""
+    return (
+        update(instances)
+        .where(instances.c.instance == bindparam("row_instance"))
+        .values({"heartbeat_at": dbclock.now(dialect), **{key: bindparam(key) for key in keys}})
+    )
 
 
 def mark_stopped(db: Database, *, instance: str) -> bool:
@@ -274,13 +310,20 @@ class Poll:
     started (its row says so), and the bounded wait the watchdog checks.
 
     The app runs `report` every CONTROL_POLL_SECONDS in a supervised side task: it
-    publishes the instance's row and reads the switches in one short transaction.
+    publishes the instance's row and reads the switches in one short transaction, on a
+    connection kept for it (daemon.pollconn).
     """
 
     def __init__(self, log: Any, *, started_at: datetime) -> None:
         self.switches = Switches(log)
         self.watch = Progress()  # a database wait the watchdog can see overrun
         self.started_at = started_at
+        self._connection: PollConnection | None = None
+
+    def close(self) -> None:
+        """Give back the kept connection; call once the database thread has ended."""
+        if self._connection is not None:
+            self._connection.close()
 
     async def report(
         self,
@@ -295,6 +338,8 @@ class Poll:
         bound_s: float,
     ) -> Control:
         """Publish this instance's row and read the control row (StoreError if it fails)."""
+        if self._connection is None:
+            self._connection = PollConnection(db.engine)
         with self.watch.bounded(bound_s, "database control poll"):
             return await run(
                 report_instance,
@@ -305,4 +350,5 @@ class Poll:
                 state=state,
                 circuit=circuit,
                 status=status,
+                connection=self._connection,
             )
