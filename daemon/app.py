@@ -374,8 +374,7 @@ class App:
                 self._cycles.poll()
                 if self._cycles.running is None and self._backend.has_retired:
                     await self._backend.close_retired()
-                self._notifier.status(self.status_line())
-                self.metrics.show_health(self.health().state.value)
+                self._show()
                 self._wake.clear()
                 wait = scheduler.loop_wait(
                     cycle_running=self._cycles.running is not None,
@@ -423,15 +422,16 @@ class App:
     async def _control_loop(self) -> None:
         """Its own task, so a slow or absent database never holds up the main loop.
 
-        Each poll then wakes the main loop, which refreshes STATUS= and the health gauge
-        and looks at the SQLite file: between cycles nothing else wakes it before the tick.
+        Each poll then refreshes STATUS= and the health gauge and looks at the SQLite
+        file, as the main loop does: between cycles the main loop sleeps until the tick.
         """
         while True:
             await asyncio.sleep(CONTROL_POLL_SECONDS)
             try:
                 await self._poll_control()
             finally:
-                self._wake.set()
+                if not self._database_file_lost():  # lost: it stops the daemon itself
+                    self._show()
 
     async def _poll_control(self) -> None:
         """Publish this instance's state; read pause and force."""
@@ -588,9 +588,15 @@ class App:
             return "paused"
         return state
 
-    def status_line(self) -> str:
-        """STATUS=, the instances row and /status: the health first, unless healthy."""
+    def _show(self) -> None:
+        """STATUS= and the health gauge as they are now, from one health verdict."""
         verdict = self.health()
+        self._notifier.status(self.status_line(verdict))
+        self.metrics.show_health(verdict.state.value)
+
+    def status_line(self, verdict: health.Health | None = None) -> str:
+        """STATUS=, the instances row and /status: the health first, unless healthy."""
+        verdict = verdict or self.health()
         activity = self._activity()
         if verdict.state is health.HealthState.HEALTHY or not verdict.reasons:
             return activity
