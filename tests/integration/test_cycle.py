@@ -463,3 +463,30 @@ async def test_a_bug_in_a_call_closes_the_run_as_crashed_and_surfaces(
     assert row.outcome == "crashed"
     assert row.error == "RuntimeError: a bug in the client"
     assert held_leases(app_db) == 0
+
+
+async def test_a_cycle_leases_no_further_ahead_than_four_users_per_caller(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    """Leases held ahead of need are users another instance could be calling."""
+    app_db.seed(60)
+    await backend.faults(latency_ms=100)
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, await asyncio.to_thread(held_leases, app_db))
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        report = await run_cycle(
+            app_db, make_settings, backend.url, SYNC_CONCURRENCY="2", SYNC_CLAIM_BATCH_SIZE="256"
+        )
+    finally:
+        watcher.cancel()
+    assert report.succeeded == 60
+    # In the callers' hands, in the backlog, and done but not yet recorded (a batch of
+    # min(batch, 4 x concurrency)): never the 60 a page of 256 would lease at once.
+    assert 0 < most <= 2 + 4 * 2 + 4 * 2
