@@ -268,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     notify_path = notify.path
     try:
         old_code = reference_tree(args.ref, work / "old-tree")
-        trees = {"old": old_code, "new": REPO}
+        new_code = work / "new-tree"
+        new_code.mkdir()
+        shutil.copytree(REPO / "daemon", new_code / "daemon")  # edits meanwhile change nothing
+        trees = {"old": old_code, "new": new_code}
         with postgres_databases(pg_names if "postgresql" in kinds else []) as pg:
             for kind in kinds:
                 for tree, code in trees.items():

@@ -46,11 +46,29 @@ import psycopg
 PG_ADMIN = "postgresql://127.0.0.1:5432/test"
 
 
-def environment(url: str, backend: str, concurrency: int) -> dict[str, str]:
+REPO = Path(__file__).resolve().parent.parent
+
+
+def code_tree(ref: str | None, into: Path) -> Path:
+    """A private copy of the daemon's code (this work tree's, or `git archive REF`), so
+    that editing the tree while the benchmark runs changes nothing it measures."""
+    into.mkdir(parents=True)
+    if ref is None:
+        shutil.copytree(REPO / "daemon", into / "daemon")
+        return into
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "daemon"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def environment(url: str, backend: str, concurrency: int, code: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
     env.pop("NOTIFY_SOCKET", None)
     env.update(
         {
+            "PYTHONPATH": str(code),
             "PYTHONUNBUFFERED": "1",
             "SYNC_DATABASE_URL": url,
             "SYNC_BACKEND_URL": f"{backend}/api/v1/sync/start",
@@ -77,7 +95,8 @@ def scratch_database() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def reference_backend(latency_ms: float, workdir: Path) -> Iterator[str]:
+def reference_backend(latency_ms: float, workdir: Path, code: Path) -> Iterator[str]:
+    """This tree's backend (a private copy too), whichever daemon is measured."""
     log = workdir / "backend.log"
     command = [sys.executable, "-m", "daemon", "reference-backend", "--host", "127.0.0.1"]
     command += ["--port", "0", "--latency-ms", f"{latency_ms:g}"]
@@ -88,6 +107,8 @@ def reference_backend(latency_ms: float, workdir: Path) -> Iterator[str]:
             stdout=subprocess.DEVNULL,
             stderr=err,
             start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(code)},
+            cwd=workdir,  # `-m` puts the current directory first on sys.path
         )
     try:
         deadline = time.monotonic() + 20
@@ -115,17 +136,15 @@ def backend_call(base: str, path: str, method: str = "GET") -> Any:
         return json.loads(response.read() or b"null")
 
 
-def reset(dsn: str, users: int) -> None:
-    """Every user due again; no state, runs, operations or instances; statistics zeroed."""
+def reset(dsn: str, users: int, *, due: bool = True) -> None:
+    """Every user due again (or fresh); no state, runs, operations; statistics zeroed."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "TRUNCATE sync_user_state, sync_operations, sync_runs, sync_instances, sync_control"
-        )
-        conn.execute("UPDATE users SET last_sync = NULL")
+        conn.execute("TRUNCATE sync_user_state, sync_operations, sync_runs, sync_control")
+        conn.execute("UPDATE users SET last_sync = " + ("NULL" if due else "now()"))
         conn.execute("VACUUM ANALYZE")
         conn.execute("SELECT pg_stat_reset()")
         left = conn.execute("SELECT count(*) FROM users WHERE last_sync IS NULL").fetchone()
-    assert left is not None and left[0] == users
+    assert left is not None and left[0] == (users if due else 0)
 
 
 def events(log: Path) -> list[dict[str, Any]]:
@@ -140,30 +159,70 @@ def _moment(event: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
 
 
+def start(command: str, env: dict[str, str], log: Path, workdir: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "daemon", command],
+            env=env,
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def count_events(log: Path, name: str) -> int:
+    return sum(1 for e in events(log) if e.get("event") == name)
+
+
+def wait_for_cycles(logs: list[Path], count: int, timeout: float = 3600) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(count_events(log, "cycle_finished") >= count for log in logs):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no cycle_finished #{count} within {timeout} s: see {logs}")
+        time.sleep(0.1)
+
+
 def one_round(
-    n: int, env: dict[str, str], dsn: str, backend: str, users: int, workdir: Path
+    n: int,
+    mode: str,
+    env: dict[str, str],
+    dsn: str,
+    backend: str,
+    users: int,
+    workdir: Path,
 ) -> dict[str, Any]:
-    reset(dsn, users)
-    backend_call(backend, "/_control/reset", "POST")
-    time.sleep(1.5)  # let the statistics reset settle before the clock starts
-    logs = [workdir / f"n{n}-instance{i}.log" for i in range(n)]
-    begin = time.monotonic()
-    procs = []
-    for log in logs:
-        with log.open("wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "daemon", "once"],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    exits = []
-    for proc in procs:
-        exits.append(proc.wait(timeout=3600))
-    wall = time.monotonic() - begin
+    """`once`: N processes started together, timed until the last exits. `run`: N daemons
+    started and settled first, then every user made due and SIGUSR1 (a forced cycle) sent
+    to all at once, timed until the last cycle_finished: start-up costs left out."""
+    logs = [workdir / f"{mode}-n{n}-instance{i}.log" for i in range(n)]
+    if mode == "once":
+        reset(dsn, users)
+        backend_call(backend, "/_control/reset", "POST")
+        time.sleep(1.5)  # let the statistics reset settle before the clock starts
+        begin = time.monotonic()
+        procs = [start("once", env, log, workdir) for log in logs]
+        exits = [proc.wait(timeout=3600) for proc in procs]
+        wall = time.monotonic() - begin
+    else:
+        reset(dsn, users, due=False)
+        procs = [
+            start("run", env | {"SYNC_INTERVAL_SECONDS": "3600"}, log, workdir) for log in logs
+        ]
+        try:
+            wait_for_cycles(logs, 1, timeout=300)  # the start-up cycle: nobody due
+            reset(dsn, users)
+            backend_call(backend, "/_control/reset", "POST")
+            time.sleep(1.5)
+            begin = time.monotonic()
+            for proc in procs:
+                proc.send_signal(signal.SIGUSR1)
+            wait_for_cycles(logs, 2)
+            wall = time.monotonic() - begin
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            exits = [proc.wait(timeout=60) for proc in procs]
     time.sleep(1.5)  # backends flush their statistics on exit
     stats = backend_call(backend, "/_control/stats")
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -179,7 +238,9 @@ def one_round(
             "WHERE datname = current_database()"
         ).fetchone()
     assert dup is not None and ok is not None and active is not None
-    seen = [e for log in logs for e in events(log)]
+    # The measured cycle is each log's last (`run` had its start-up cycle before).
+    last_run = [[e for e in events(log) if "run_id" in e] for log in logs]
+    seen = [e for run in last_run for e in run if e["run_id"] == run[-1]["run_id"]]
     finished = [e for e in seen if e.get("event") == "cycle_finished"]
     started = [e for e in seen if e.get("event") == "cycle_started"]
     span = (max(_moment(e) for e in finished) - min(_moment(e) for e in started)).total_seconds()
@@ -187,6 +248,7 @@ def one_round(
     per_instance = [f.get("succeeded", 0) for f in finished]
     return {
         "instances": n,
+        "mode": mode,
         "exit_statuses": exits,
         "wall_s": round(wall, 2),
         "sync_span_s": round(span, 2),
@@ -215,7 +277,7 @@ def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.plot(ns, ns, "--", color="grey", label="ideal (N x)")
     for key, label, offset in (
         ("sync_span_s", "first cycle start to last cycle end", (6, -12)),
-        ("wall_s", "process wall, interpreter start-up included", (6, 4)),
+        ("wall_s", "wall: SIGUSR1 to last cycle end (run), or processes (once)", (6, 4)),
     ):
         speed = [rounds[0][key] / r[key] for r in rounds]
         ax.plot(ns, speed, "o-", label=label)
@@ -239,6 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", default="1,2,3", help="comma-separated N to run")
     parser.add_argument("--output", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="PNG: instances vs speed-up")
+    parser.add_argument(
+        "--mode",
+        choices=["run", "once"],
+        default="run",
+        help="settled `run` daemons forced together (default), or `once` processes",
+    )
+    parser.add_argument(
+        "--ref", default=None, help="run the daemon of this git ref (default: this work tree)"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="copy the logs into this dir")
     parser.add_argument(
         "--env", action="append", default=[], help="extra SYNC_X=Y for every instance"
@@ -246,30 +317,50 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.instances.split(",")]
 
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp,
-        scratch_database() as name,
-        reference_backend(args.latency_ms, Path(tmp)) as backend,
-    ):
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         workdir = Path(tmp)
-        url = f"postgresql+psycopg://127.0.0.1:5432/{name}"
-        dsn = f"postgresql://127.0.0.1:5432/{name}"
-        env = environment(url, backend, args.concurrency)
-        env.update(dict(item.split("=", 1) for item in args.env))
-        subprocess.run([sys.executable, "-m", "daemon", "migrate"], env=env, check=True)
-        subprocess.run(
-            [sys.executable, "-m", "daemon", "seed-demo", "--users", str(args.users)],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        rounds = []
-        for n in counts:
-            result = one_round(n, env, dsn, backend, args.users, workdir)
-            rounds.append(result)
-            print(json.dumps(result), flush=True)
-        if args.keep is not None:
-            shutil.copytree(workdir, args.keep, dirs_exist_ok=True)
+        code = code_tree(args.ref, workdir / "code")
+        here = code if args.ref is None else code_tree(None, workdir / "backend-code")
+        with (
+            scratch_database() as name,
+            reference_backend(args.latency_ms, workdir, here) as backend,
+        ):
+            rounds = run_rounds(args, counts, workdir, code, name, backend)
+    report(args, rounds)
+    return 0
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    counts: list[int],
+    workdir: Path,
+    code: Path,
+    name: str,
+    backend: str,
+) -> list[dict[str, Any]]:
+    url = f"postgresql+psycopg://127.0.0.1:5432/{name}"
+    dsn = f"postgresql://127.0.0.1:5432/{name}"
+    env = environment(url, backend, args.concurrency, code)
+    env.update(dict(item.split("=", 1) for item in args.env))
+    subprocess.run([sys.executable, "-m", "daemon", "migrate"], env=env, check=True, cwd=workdir)
+    subprocess.run(
+        [sys.executable, "-m", "daemon", "seed-demo", "--users", str(args.users)],
+        env=env,
+        cwd=workdir,
+        check=True,
+        capture_output=True,
+    )
+    rounds = []
+    for n in counts:
+        result = one_round(n, args.mode, env, dsn, backend, args.users, workdir)
+        rounds.append(result)
+        print(json.dumps(result), flush=True)
+    if args.keep is not None:
+        shutil.copytree(workdir, args.keep, dirs_exist_ok=True)
+    return rounds
+
+
+def report(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> None:
     ideal = args.users * args.latency_ms / 1000 / args.concurrency
     print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     print(f"ideal wall for one instance: {ideal:.1f} s")
@@ -277,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rounds:
         print(
             f"N={r['instances']}: sync span {r['sync_span_s']:.1f} s, speed-up "
-            f"{base_span / r['sync_span_s']:.2f} x; process wall {r['wall_s']:.1f} s, "
+            f"{base_span / r['sync_span_s']:.2f} x; wall {r['wall_s']:.1f} s, "
             f"speed-up {base / r['wall_s']:.2f} x, "
             f"duplicates {r['duplicate_successes']}, overlaps {r['overlaps']}, "
             f"contended claims {r['claims_contended']} in {r['claim_transactions']} claims, "
@@ -297,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.concurrency} calls per instance"
         )
         plot(rounds, args.plot, title)
-    return 0
 
 
 if __name__ == "__main__":
