@@ -37,7 +37,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from daemon import __version__, dbclock
-from daemon.database import Database, aware
+from daemon.database import Database, aware, short_error
+from daemon.errors import StoreError
 from daemon.models import control, instances, operations, runs, user_state
 from daemon.pollconn import PollConnection
 from daemon.progress import Progress
@@ -170,6 +171,11 @@ def report_instance(
         seen = connection.run(kept)
         if seen is not None:
             return seen
+        failed = connection.last_error
+        if failed is not None and db.closing.is_set():
+            # Stopping: one failed try is the answer, as Database.transaction would give
+            # (a locked SQLite file must not hold the exit up for a second busy timeout).
+            raise StoreError(f"report_instance: {short_error(failed)}") from failed
 
     values = {"heartbeat_at": dbclock.now(db.dialect), **written}
 

@@ -34,6 +34,7 @@ class PollConnection:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._connection: Connection | None = None
+        self.last_error: SQLAlchemyError | StoreError | None = None  # of the last `run`
 
     def run(self, unit: Callable[[Connection], T | None]) -> T | None:
         """`unit` in one transaction on the kept connection; None if it gave none or failed.
@@ -41,6 +42,7 @@ class PollConnection:
         A None from `unit` rolls the transaction back: the caller then does the work the
         ordinary way (such as inserting a row that was missing).
         """
+        self.last_error = None
         try:
             if self._connection is None:
                 self._connection = self._engine.connect()
@@ -49,7 +51,8 @@ class PollConnection:
                 if result is None:
                     transaction.rollback()
                 return result
-        except (SQLAlchemyError, StoreError):  # StoreError: SQLite's file check on BEGIN
+        except (SQLAlchemyError, StoreError) as exc:  # StoreError: SQLite's file check
+            self.last_error = exc
             self.close(broken=True)
             return None
 
