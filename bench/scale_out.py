@@ -266,29 +266,36 @@ def one_round(
     }
 
 
-def plot(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot(
+    rounds: list[dict[str, Any]],
+    path: Path,
+    title: str,
+    before: list[dict[str, Any]] | None = None,
+) -> None:
     import matplotlib  # a bench-only extra, never a runtime dependency
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ns = [r["instances"] for r in rounds]
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    ns = [r["instances"] for r in rounds]
     ax.plot(ns, ns, "--", color="grey", label="ideal (N x)")
-    for key, label, offset in (
-        ("sync_span_s", "first cycle start to last cycle end", (6, -12)),
-        ("wall_s", "wall: SIGUSR1 to last cycle end (run), or processes (once)", (6, 4)),
-    ):
-        speed = [rounds[0][key] / r[key] for r in rounds]
-        ax.plot(ns, speed, "o-", label=label)
-        for x, y in zip(ns, speed, strict=True):
-            ax.annotate(f"{y:.2f} x", (x, y), textcoords="offset points", xytext=offset)
     ax.axhline(2.8, color="tab:red", lw=0.8, ls=":", label="target at 3 instances: 2.8 x")
+    series = [(rounds, "this version", "o-", (8, -4))]
+    if before:
+        series.append((before, "before (a claim held up to 512 users)", "s-", (8, -10)))
+    for data, label, style, offset in series:
+        xs = [r["instances"] for r in data]
+        speed = [data[0]["wall_s"] / r["wall_s"] for r in data]
+        ax.plot(xs, speed, style, label=label)
+        for x, y in zip(xs, speed, strict=True):
+            ax.annotate(f"{y:.2f} x", (x, y), textcoords="offset points", xytext=offset)
     ax.set_xticks(ns)
+    ax.set_xlim(0.8, max(ns) + 0.5)
     ax.set_xlabel("instances on one PostgreSQL")
     ax.set_ylabel("speed-up over one instance")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
 
@@ -302,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="PNG: instances vs speed-up")
     parser.add_argument(
+        "--before", type=Path, default=None, help="--output of an earlier run, plotted beside"
+    )
+    parser.add_argument(
         "--mode",
         choices=["run", "once"],
         default="run",
@@ -314,8 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--env", action="append", default=[], help="extra SYNC_X=Y for every instance"
     )
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="report and plot an earlier --output"
+    )
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.instances.split(",")]
+    if args.from_json is not None:
+        report(args, json.loads(args.from_json.read_text())["rounds"])
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         workdir = Path(tmp)
@@ -387,7 +403,8 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> None:
             f"{args.users} users, backend {args.latency_ms:g} ms, "
             f"{args.concurrency} calls per instance"
         )
-        plot(rounds, args.plot, title)
+        before = json.loads(args.before.read_text())["rounds"] if args.before else None
+        plot(rounds, args.plot, title, before)
 
 
 if __name__ == "__main__":

@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from typing import Any
 
 from daemon.values import Claim
 
 # The end marker: a caller that gets it stops. It sorts after every claim.
 DONE = object()
-# Claims waiting per caller, at most: enough that no caller waits for the next claim
-# transaction, few enough that instances sharing a database split the last users evenly
-# (a claim holds its users until this instance's callers get to them).
-AHEAD_PER_CALLER = 4
+# How far ahead a cycle leases: about this long of calls, so that no caller waits for
+# the next claim transaction, and no longer, so that instances sharing a database split
+# the last users evenly (a claim holds its users until this instance's callers get to
+# them). Never fewer than AT_LEAST_PER_CALLER per caller, never more than a claim batch.
+AHEAD_SECONDS = 1.0
+AT_LEAST_PER_CALLER = 2
 
 
-def room(batch_size: int, concurrency: int) -> int:
-    """How many claims a cycle's backlog holds: SYNC_CLAIM_BATCH_SIZE, and no more than
-    AHEAD_PER_CALLER for each of the SYNC_CONCURRENCY callers."""
-    return max(1, min(batch_size, AHEAD_PER_CALLER * concurrency))
+def room(batch_size: int, concurrency: int, call_seconds: float | None) -> int:
+    """How many claims a cycle's backlog holds, given how long a call takes (None before
+    the first one ended): AHEAD_SECONDS of calls, within the bounds above."""
+    least = min(batch_size, AT_LEAST_PER_CALLER * concurrency)
+    if call_seconds is None or call_seconds <= 0:
+        return max(1, least)
+    ahead = math.ceil(concurrency * AHEAD_SECONDS / call_seconds)
+    return max(1, least, min(batch_size, ahead))
 
 
 class Backlog:
@@ -47,6 +54,12 @@ class Backlog:
     @property
     def room(self) -> int:
         return self._room
+
+    def resize(self, room: int) -> None:
+        """A new bound (the calls got faster or slower); claims already queued stay."""
+        self._room = max(1, room)
+        if self.free() >= self._wanted:
+            self._freed.set()
 
     def free(self) -> int:
         return max(0, self._room - self._queue.qsize())

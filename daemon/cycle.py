@@ -83,7 +83,10 @@ class Cycle:
         self._db = db
         self._stop = stop
         self._clock = clock or Clock()
-        self._queue = Backlog(room=backlog.room(settings.claim_batch_size, settings.concurrency))
+        self._queue = Backlog(
+            room=backlog.room(settings.claim_batch_size, settings.concurrency, None)
+        )
+        self._call_seconds: float | None = None  # a moving average: how far ahead to lease
         self._start_delay = start_delay
         self._paused = paused
         self._paused_seen = False
@@ -318,6 +321,7 @@ class Cycle:
             )
             raise
         duration_ms = round((self._clock.monotonic() - begin) * 1000)
+        self._follow_call_time(duration_ms / 1000)
         kind = outcome.outcome
         if outcome.circuit_open:
             self._circuit_open = True
@@ -339,6 +343,15 @@ class Cycle:
         self._count(result)
         self._log_result(result, outcome.counts, outcome.auth_problem)
         self._results.add(result)
+
+    def _follow_call_time(self, seconds: float) -> None:
+        """Lease about a second of calls ahead (daemon.backlog.room), as calls now take."""
+        mean = self._call_seconds
+        self._call_seconds = seconds if mean is None else 0.9 * mean + 0.1 * seconds
+        settings = self.settings
+        self._queue.resize(
+            backlog.room(settings.claim_batch_size, settings.concurrency, self._call_seconds)
+        )
 
     @property
     def in_flight(self) -> int:

@@ -60,7 +60,7 @@ def _paused_env(harness: Harness, backend: Backend, users: int) -> tuple[Databas
         backend,
         SYNC_INTERVAL_SECONDS=3600,
         SYNC_CONCURRENCY=CONCURRENCY,
-        SYNC_CLAIM_BATCH_SIZE=500,  # the backlog is then 4 per caller (daemon.backlog)
+        SYNC_CLAIM_BATCH_SIZE=500,  # the backlog holds a second of calls (daemon.backlog)
         SYNC_LEASE_SECONDS=120,
     )
     return db, env
