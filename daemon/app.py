@@ -117,6 +117,7 @@ class App:
         self._cycles = Cycles(self, self._log)
         self._backend = BackendSessions(self._make_gate(settings))
         self._state = "starting"
+        self._shown: str | None = None  # the last STATUS= line, which the poll reports
 
     # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
 
@@ -443,7 +444,7 @@ class App:
                 now=self._clock.now(),
                 state=self._public_state(),
                 circuit=self.gate.state.value,
-                status=self.status_line(),
+                status=self._shown or self.status_line(),  # STATUS= as last sent
                 bound_s=self.settings.lease_seconds,
             )
         except StoreError as exc:
@@ -591,7 +592,8 @@ class App:
     def _show(self) -> None:
         """STATUS= and the health gauge as they are now, from one health verdict."""
         verdict = self.health()
-        self._notifier.status(self.status_line(verdict))
+        self._shown = self.status_line(verdict)
+        self._notifier.status(self._shown)
         self.metrics.show_health(verdict.state.value)
 
     def status_line(self, verdict: health.Health | None = None) -> str:
