@@ -33,6 +33,7 @@ from daemon import (
     health,
     logs,
     overview,
+    scheduler,
     schema,
     statusweb,
     thresholds,
@@ -65,6 +66,8 @@ EX_CONFIG = 78
 
 STARTUP_DATABASE_WAIT_SECONDS = 60.0
 DATABASE_RETRY_SECONDS = 30.0
+# While a cycle runs the loop looks every second (STATUS= shows its progress); between
+# cycles it sleeps until the next tick, woken by the control poll, a signal or a request.
 LOOP_WAKE_SECONDS = 1.0
 CONTROL_POLL_SECONDS = control.POLL_SECONDS
 # Without cycles (paused, circuit open, database retrying) freshness is still measured
@@ -131,6 +134,7 @@ class App:
         )
         self.metrics.show_concurrency(self.concurrency.limiter)
         self._state = "starting"
+        self._shown: str | None = None  # the last STATUS= line, which the poll reports
 
     # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
 
@@ -292,6 +296,7 @@ class App:
                 await status_runner.cleanup()
             await self._backend.close()
             await asyncio.to_thread(self._db_runner.close)
+            self._control.close()  # the database thread has ended: no unit uses it now
             database.dispose()
 
     async def _advise_index(self, store: Store) -> None:
@@ -389,11 +394,15 @@ class App:
                 self._cycles.poll()
                 if self._cycles.running is None and self._backend.has_retired:
                     await self._backend.close_retired()
-                self._notifier.status(self.status_line())
-                self.metrics.show_health(self.health().state.value)
+                self._show()
                 self._wake.clear()
+                wait = scheduler.loop_wait(
+                    cycle_running=self._cycles.running is not None,
+                    until_tick=self._cycles.seconds_until_next(),
+                    busy_every=LOOP_WAKE_SECONDS,
+                )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), LOOP_WAKE_SECONDS)
+                    await asyncio.wait_for(self._wake.wait(), wait)
             return await self._shut_down()
         finally:
             await side_tasks.close()
@@ -431,10 +440,18 @@ class App:
         return True
 
     async def _control_loop(self) -> None:
-        """Its own task, so a slow or absent database never holds up the main loop."""
+        """Its own task, so a slow or absent database never holds up the main loop.
+
+        Each poll then refreshes STATUS= and the health gauge and looks at the SQLite
+        file, as the main loop does: between cycles the main loop sleeps until the tick.
+        """
         while True:
             await asyncio.sleep(CONTROL_POLL_SECONDS)
-            await self._poll_control()
+            try:
+                await self._poll_control()
+            finally:
+                if not self._database_file_lost():  # lost: it stops the daemon itself
+                    self._show()
 
     async def _poll_control(self) -> None:
         """Publish this instance's state; read pause and force."""
@@ -446,7 +463,7 @@ class App:
                 now=self._clock.now(),
                 state=self._public_state(),
                 circuit=self.gate.state.value,
-                status=self.status_line(),
+                status=self._shown or self.status_line(),  # STATUS= as last sent
                 bound_s=self.settings.lease_seconds,
                 settings=thresholds.dump(self.settings, self._live()),
                 health=self.health().state.value,
@@ -674,9 +691,16 @@ class App:
             return "paused"
         return state
 
-    def status_line(self) -> str:
-        """STATUS=, the instances row and /status: the health first, unless healthy."""
+    def _show(self) -> None:
+        """STATUS= and the health gauge as they are now, from one health verdict."""
         verdict = self.health()
+        self._shown = self.status_line(verdict)
+        self._notifier.status(self._shown)
+        self.metrics.show_health(verdict.state.value)
+
+    def status_line(self, verdict: health.Health | None = None) -> str:
+        """STATUS=, the instances row and /status: the health first, unless healthy."""
+        verdict = verdict or self.health()
         activity = self._activity()
         if verdict.state is health.HealthState.HEALTHY or not verdict.reasons:
             return activity

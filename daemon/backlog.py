@@ -9,12 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from typing import Any
 
 from daemon.values import Claim
 
 # The end marker: a caller that gets it stops. It sorts after every claim.
 DONE = object()
+# How far ahead a cycle leases: about this long of calls, so that no caller waits for
+# the next claim transaction, and no longer, so that instances sharing a database split
+# the last users evenly (a claim holds its users until this instance's callers get to
+# them). Never fewer than AT_LEAST_PER_CALLER per caller, never more than a claim batch.
+AHEAD_SECONDS = 1.0
+AT_LEAST_PER_CALLER = 2
+
+
+def room(batch_size: int, concurrency: int, call_seconds: float | None) -> int:
+    """How many claims a cycle's backlog holds, given how long a call takes (None before
+    the first one ended): AHEAD_SECONDS of calls, within the bounds above."""
+    least = min(batch_size, AT_LEAST_PER_CALLER * concurrency)
+    if call_seconds is None or call_seconds <= 0:
+        return max(1, least)
+    ahead = math.ceil(concurrency * AHEAD_SECONDS / call_seconds)
+    return max(1, least, min(batch_size, ahead))
 
 
 class Backlog:
@@ -32,11 +49,34 @@ class Backlog:
         self._order = itertools.count()
         self._room = room
         self._freed = asyncio.Event()
+        self._wanted = 1  # free places the waiting claimer needs before it is woken
 
-    async def put(self, claim: Claim) -> None:
-        while self._queue.qsize() >= self._room:
+    @property
+    def room(self) -> int:
+        return self._room
+
+    def resize(self, room: int) -> None:
+        """A new bound (the calls got faster or slower); claims already queued stay."""
+        self._room = max(1, room)
+        if self.free() >= self._wanted:
+            self._freed.set()
+
+    def free(self) -> int:
+        return max(0, self._room - self._queue.qsize())
+
+    async def wait_for_room(self, places: int) -> int:
+        """Until at least `places` are free (at most the room); return how many are.
+
+        The claimer leases only what fits, so no lease waits in its hands for room.
+        """
+        self._wanted = max(1, min(places, self._room))
+        while self.free() < self._wanted:
             self._freed.clear()
             await self._freed.wait()
+        return self.free()
+
+    async def put(self, claim: Claim) -> None:
+        await self.wait_for_room(1)
         self._queue.put_nowait((self._SCAN, next(self._order), claim))
 
     def put_urgent(self, claim: Claim) -> None:
@@ -48,7 +88,7 @@ class Backlog:
 
     async def get(self) -> Any:
         item = (await self._queue.get())[2]
-        if self._queue.qsize() < self._room:
+        if self.free() >= self._wanted:
             self._freed.set()
         return item
 

@@ -24,7 +24,10 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Select,
+    Update,
+    bindparam,
     case,
     delete,
     exists,
@@ -38,8 +41,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from daemon import __version__, dbclock
-from daemon.database import Database, aware
+from daemon.database import Database, aware, short_error
+from daemon.errors import StoreError
 from daemon.models import control, instances, operations, runs, user_state
+from daemon.pollconn import PollConnection
 from daemon.progress import Progress
 
 # How often a running instance refreshes its row and reads the switches.
@@ -96,8 +101,12 @@ def read(db: Database) -> Control:
     return db.transaction(read_in, name="read_control")
 
 
-def read_in(session: Session) -> Control:
-    row = session.execute(select(control).where(control.c.id == 1)).first()
+# Built once: building a statement costs more CPU than running it on SQLite.
+_READ_CONTROL = select(control).where(control.c.id == 1)
+
+
+def read_in(session: Session | Connection) -> Control:
+    row = session.execute(_READ_CONTROL).first()
     if row is None:
         return Control()
     return Control(
@@ -148,24 +157,41 @@ def report_instance(
     status: str,
     settings: str | None = None,
     health: str | None = None,
+    connection: PollConnection | None = None,
 ) -> Reported:
     """Refresh this instance's row, read the control row and count every instance by
     state, in one short transaction.
 
     The heartbeat is the database's time (`cleanup` compares it with that); `now` is
     not used. `settings` (JSON, see daemon.thresholds) and `health` are what `status`
-    judges by.
+    judges by. With `connection` (the poll's kept one) the usual case, a row to refresh,
+    runs there as Core statements; a missing row or any error falls back to the
+    ordinary transaction below, with its retries.
     """
-    values: dict[str, Any] = {
-        "heartbeat_at": dbclock.now(db.dialect),
-        "state": state,
-        "circuit": circuit,
-        "status": status[:255],
-    }
+    written: dict[str, Any] = {"state": state, "circuit": circuit, "status": status[:255]}
     if settings is not None:
-        values["settings"] = settings
+        written["settings"] = settings
     if health is not None:
-        values["health"] = health[:16]
+        written["health"] = health[:16]
+
+    def kept(conn: Connection) -> Reported | None:
+        statement = _refresh_statement(db.dialect, tuple(written))
+        updated = conn.execute(statement, {"row_instance": instance, **written}).rowcount
+        if not updated:
+            return None
+        return Reported(read_in(conn), count_instances_in(conn, db.dialect))
+
+    if connection is not None:
+        seen = connection.run(kept)
+        if seen is not None:
+            return seen
+        failed = connection.last_error
+        if failed is not None and db.closing.is_set():
+            # Stopping: one failed try is the answer, as Database.transaction would give
+            # (a locked SQLite file must not hold the exit up for a second busy timeout).
+            raise StoreError(f"report_instance: {short_error(failed)}") from failed
+
+    values = {"heartbeat_at": dbclock.now(db.dialect), **written}
 
     def unit(session: Session) -> Reported:
         updated = session.execute(
@@ -180,6 +206,16 @@ def report_instance(
         return Reported(read_in(session), count_instances_in(session, db.dialect))
 
     return db.transaction(unit, name="report_instance")
+
+
+@functools.cache
+def _refresh_statement(dialect: str, keys: tuple[str, ...]) -> Update:
+    """The poll's UPDATE of an instance row, built once per set of columns it writes."""
+    return (
+        update(instances)
+        .where(instances.c.instance == bindparam("row_instance"))
+        .values({"heartbeat_at": dbclock.now(dialect), **{key: bindparam(key) for key in keys}})
+    )
 
 
 def mark_stopped(db: Database, *, instance: str) -> bool:
@@ -214,7 +250,7 @@ def count_instances(db: Database) -> dict[str, int]:
     )
 
 
-def count_instances_in(session: Session, dialect: str) -> dict[str, int]:
+def count_instances_in(session: Session | Connection, dialect: str) -> dict[str, int]:
     """Instances by state, as `status` shows them: an instance silent past
     LOST_AFTER_SECONDS (on the database's clock) that did not say it stopped is lost."""
     return {str(name): int(count) for name, count in session.execute(_census(dialect))}
@@ -326,7 +362,7 @@ class Poll:
 
     The app runs `report` every CONTROL_POLL_SECONDS in a supervised side task: it
     publishes the instance's row, reads the switches and counts every instance by state,
-    in one short transaction.
+    in one short transaction, on a connection kept for it (daemon.pollconn).
     """
 
     def __init__(self, log: Any, *, started_at: datetime) -> None:
@@ -334,6 +370,12 @@ class Poll:
         self.watch = Progress()  # a database wait the watchdog can see overrun
         self.started_at = started_at
         self.instances: dict[str, int] = {}  # every instance's state, read with each report
+        self._connection: PollConnection | None = None
+
+    def close(self) -> None:
+        """Give back the kept connection; call once the database thread has ended."""
+        if self._connection is not None:
+            self._connection.close()
 
     async def report(
         self,
@@ -351,6 +393,8 @@ class Poll:
     ) -> Control:
         """Publish this instance's row and read the control row (StoreError if it fails),
         and every instance's state (kept in `instances`, for the metrics)."""
+        if self._connection is None:
+            self._connection = PollConnection(db.engine)
         with self.watch.bounded(bound_s, "database control poll"):
             reported: Reported = await run(
                 report_instance,
@@ -363,6 +407,7 @@ class Poll:
                 status=status,
                 settings=settings,
                 health=health,
+                connection=self._connection,
             )
         self.instances = reported.instances
         return reported.control

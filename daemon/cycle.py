@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
+from daemon import backlog
 from daemon.backend import BackendClient
 from daemon.backlog import DONE, Backlog
 from daemon.concurrency import Concurrency, dropped
@@ -86,7 +87,10 @@ class Cycle:
         self._db = db
         self._stop = stop
         self._clock = clock or Clock()
-        self._queue = Backlog(room=settings.claim_batch_size)
+        self._queue = Backlog(
+            room=backlog.room(settings.claim_batch_size, settings.concurrency, None)
+        )
+        self._call_seconds: float | None = None  # a moving average: how far ahead to lease
         self._start_delay = start_delay
         self._paused = paused
         self._paused_seen = False
@@ -94,6 +98,7 @@ class Cycle:
         self._slots = concurrency or Concurrency(
             dataclasses.replace(settings, adaptive_concurrency=False)
         )
+        self._claims_before = (0, 0)
         self._released_for_pause = 0
         self._halt: str | None = None
         self._circuit_open = False
@@ -131,6 +136,7 @@ class Cycle:
                 await asyncio.wait_for(self._stop.wait(), self._start_delay)
         started = self._clock.now()
         start_mono = self._clock.monotonic()
+        self._claims_before = (self._store.claim_transactions, self._store.claims_contended)
         stale_before = started - timedelta(seconds=self.settings.stale_after_seconds)
         error: str | None = None
         bug: Exception | None = None
@@ -220,7 +226,10 @@ class Cycle:
                 if self._paused() and not cursor.done:
                     self._note_pause()
                     break
-                claims = await self._claim(cursor, stale_before)
+                # Lease only what fits: a lease claimed ahead of need is a user another
+                # instance sharing the database could be calling now.
+                free = await self._queue.wait_for_room(self._queue.room // 2)
+                claims = await self._claim(cursor, stale_before, limit=free)
                 if cursor.done and not claims:
                     break
             # Our calls still run; the takeover task may add orphans meanwhile.
@@ -232,12 +241,18 @@ class Cycle:
         for _ in range(self.settings.concurrency):
             self._queue.put_done()
 
-    async def _claim(self, cursor: Cursor, stale_before: datetime, orphans: bool = False) -> int:
+    async def _claim(
+        self,
+        cursor: Cursor,
+        stale_before: datetime,
+        orphans: bool = False,
+        limit: int | None = None,
+    ) -> int:
         claims = await self._bounded_db(
             "claim",
             self._store.claim,
             cursor,
-            self.settings.claim_batch_size,
+            min(limit or self.settings.claim_batch_size, self.settings.claim_batch_size),
             run_id=self.run_id,
             now=self._clock.now(),
             stale_before=stale_before,
@@ -332,6 +347,7 @@ class Cycle:
             )
             raise
         duration_ms = round((self._clock.monotonic() - begin) * 1000)
+        self._follow_call_time(duration_ms / 1000)
         kind = outcome.outcome
         if outcome.circuit_open:
             self._circuit_open = True
@@ -355,6 +371,15 @@ class Cycle:
         self._results.add(result)
         drop = dropped(kind, outcome.status, outcome.attempts, outcome.circuit_open)
         return drop, outcome.attempts == 1 and not outcome.circuit_open
+
+    def _follow_call_time(self, seconds: float) -> None:
+        """Lease about a second of calls ahead (daemon.backlog.room), as calls now take."""
+        mean = self._call_seconds
+        self._call_seconds = seconds if mean is None else 0.9 * mean + 0.1 * seconds
+        settings = self.settings
+        self._queue.resize(
+            backlog.room(settings.claim_batch_size, settings.concurrency, self._call_seconds)
+        )
 
     @property
     def in_flight(self) -> int:
@@ -522,6 +547,8 @@ class Cycle:
             failed=p.failed,
             skipped=p.skipped,
             duration_ms=round(report.duration_s * 1000),
+            claim_transactions=self._store.claim_transactions - self._claims_before[0],
+            claims_contended=self._store.claims_contended - self._claims_before[1],
         )
         return report
 

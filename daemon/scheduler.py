@@ -24,6 +24,8 @@ from daemon.logs import get_logger
 
 # Smaller changes of the offset are slewing or the time between reading the two clocks.
 STEP_TOLERANCE = dt.timedelta(seconds=1)
+# The longest an idle main loop sleeps without a look, whatever the timetable says.
+IDLE_LOOK_SECONDS = 60.0
 
 
 class Scheduler:
@@ -90,3 +92,18 @@ class Scheduler:
         self._follow_steps()
         idle = self._schedule.idle_seconds
         return max(0.0, idle) if idle is not None else self.interval
+
+
+def loop_wait(*, cycle_running: bool, until_tick: float | None, busy_every: float) -> float:
+    """How long the app's main loop may sleep before it must look again.
+
+    While a cycle runs, every `busy_every` seconds (its progress goes to STATUS=).
+    Between cycles, until the next tick and not longer than IDLE_LOOK_SECONDS: every
+    other reason to look (a signal, force, pause, a probe or retry timer, the end of a
+    cycle, the control poll) wakes the loop itself, so an idle daemon does not spin.
+    """
+    if cycle_running:
+        return busy_every
+    if until_tick is None:
+        return IDLE_LOOK_SECONDS
+    return min(max(until_tick, 0.0), IDLE_LOOK_SECONDS)

@@ -124,6 +124,11 @@ class Store:
         self._insert = postgresql.insert if self._postgres else sqlite.insert
         self._db_now = dbclock.now(db.dialect)
         self._lease_end = dbclock.after(db.dialect, lease_seconds)
+        # Counted for the cycle's log line (how much instances got in each other's way):
+        # claim transactions, and due rows a claim found but did not lease because another
+        # instance was claiming them (locked), leased them first, or synced them meanwhile.
+        self.claim_transactions = 0
+        self.claims_contended = 0
         # Executed with many rows at once: the times are SQL, the same for every row;
         # the other columns come from the parameter list. A live lease is left alone.
         take = self._insert(user_state).values(
@@ -345,10 +350,13 @@ class Store:
         now: datetime,
         stale_before: datetime,
     ) -> list[Claim]:
+        self.claim_transactions += 1
         if not rows:
             return []
         if self._postgres:
+            found = len(rows)
             rows = self._skip_locked(session, rows)
+            self.claims_contended += found - len(rows)
             if not rows:
                 return []
         s = user_state.c
@@ -375,6 +383,7 @@ class Store:
             if token == tokens[key]
         }
         won -= self._synced_meanwhile(session, rows, won, tokens, stale_before)
+        self.claims_contended += len(tokens) - len(won)
         return [self._claim_of(r, tokens[r[2]], now) for r in rows if r[2] in won]
 
     def _synced_meanwhile(

@@ -8,7 +8,7 @@ import types
 import pytest
 import schedule
 
-from daemon.scheduler import Scheduler
+from daemon.scheduler import IDLE_LOOK_SECONDS, Scheduler, loop_wait
 
 
 def test_a_due_tick_calls_back_once_and_rearms() -> None:
@@ -149,3 +149,17 @@ def test_drift_below_the_tolerance_is_not_taken_for_a_step(clocks: Clocks) -> No
     clocks.run(199.5)
     scheduler.poll()
     assert len(ticks) == 1
+
+
+def test_an_idle_loop_sleeps_until_the_next_tick_not_a_second_at_a_time() -> None:
+    assert loop_wait(cycle_running=False, until_tick=42.5, busy_every=1.0) == 42.5
+
+
+def test_a_running_cycle_keeps_the_loop_looking_every_busy_period() -> None:
+    assert loop_wait(cycle_running=True, until_tick=42.5, busy_every=1.0) == 1.0
+
+
+def test_an_idle_loop_never_sleeps_past_the_idle_bound_or_below_zero() -> None:
+    assert loop_wait(cycle_running=False, until_tick=3600, busy_every=1.0) == IDLE_LOOK_SECONDS
+    assert loop_wait(cycle_running=False, until_tick=None, busy_every=1.0) == IDLE_LOOK_SECONDS
+    assert loop_wait(cycle_running=False, until_tick=-0.2, busy_every=1.0) == 0.0
