@@ -22,7 +22,7 @@ from tests.conftest import AppDatabase
 
 
 def poll(app_db: AppDatabase, connection: PollConnection, state: str = "idle") -> control.Control:
-    return control.report_instance(
+    reported = control.report_instance(
         app_db.db,
         instance="web1",
         started_at=utcnow(),
@@ -32,6 +32,8 @@ def poll(app_db: AppDatabase, connection: PollConnection, state: str = "idle") -
         status=f"{state}, next cycle in 5 s",
         connection=connection,
     )
+    assert reported.instances == {state: 1}  # the census comes back on the kept connection too
+    return reported.control
 
 
 def row(app_db: AppDatabase) -> tuple[str, str]:
