@@ -26,11 +26,14 @@ DROP_STATUSES = frozenset({429, 503})
 
 
 def dropped(outcome: Outcome, status: int | None, attempts: int, circuit_open: bool) -> bool:
-    """Did this call meet a backend that could not take it? A retry means an attempt
-    before the last one was refused or lost (a 408, 425, 429, 5xx, timeout or reset)."""
+    """Did this call meet a backend that could not take it: its last answer a 429 or 503,
+    or none at all (a timeout, a reset)? Retries alone are not a drop: a user the
+    backend fails with 500 is retried on every cycle, and at an 8 % error rate counting
+    those pinned the limit at its minimum. An overloaded backend that answers after a
+    retry shows in the latency, which the window's median compares with the baseline."""
     if circuit_open:
         return False  # refused by our own breaker: the backend was not asked
-    if attempts > 1 or status in DROP_STATUSES:
+    if status in DROP_STATUSES:
         return True
     return status is None and outcome is Outcome.FAILED
 

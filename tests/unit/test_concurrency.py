@@ -64,7 +64,9 @@ async def test_a_wake_up_handed_to_a_cancelled_caller_passes_on() -> None:
         (Outcome.FAILED, 429, 1, False, True),
         (Outcome.FAILED, 503, 1, False, True),
         (Outcome.FAILED, None, 1, False, True),  # timeout or connection error
-        (Outcome.SUCCESS, 200, 2, False, True),  # succeeded after a refused attempt
+        (Outcome.SUCCESS, 200, 2, False, False),  # answered in the end: latency tells
+        (Outcome.FAILED, 500, 4, False, False),  # a user the backend keeps failing
+        (Outcome.FAILED, 503, 4, False, True),
         (Outcome.RELEASED, None, 0, True, False),  # our own breaker: nothing was sent
         (Outcome.CONFLICT, 409, 1, False, False),
     ],
