@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,3 +85,23 @@ DAEMON = Client(
     uses_database=True,
 )
 BY_NAME = {c.name: c for c in (FLOOR, PEER, DAEMON)}
+
+
+def daemon_from(name: str, source: Path) -> Client:
+    """The daemon as the tree at `source` has it (e.g. `git archive main daemon`), so that
+    a change and the code before it are measured side by side in one interleaved run."""
+    if not (source / "daemon" / "__main__.py").exists():
+        raise ValueError(f"{source} has no daemon/ package")
+
+    def environment(t: Target) -> dict[str, str]:
+        env = daemon_run.environment(t.database_url, t.backend_url, t.concurrency)
+        env["PYTHONPATH"] = os.pathsep.join([str(source.resolve()), env["PYTHONPATH"]])
+        return env
+
+    return Client(
+        name=name,
+        command=lambda t: daemon_run.command(),
+        environment=environment,
+        read=daemon_run.read_log,
+        uses_database=True,
+    )

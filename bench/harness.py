@@ -53,6 +53,13 @@ def add_common(parser: argparse.ArgumentParser, *, due: int) -> None:
         "--write-doc", action="store_true", help="rewrite this figure's section of the doc"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
+    parser.add_argument(
+        "--daemon-from",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also run the daemon package found in DIR, as client NAME (repeatable)",
+    )
 
 
 def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -67,6 +74,14 @@ def check_common(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if unknown or not names:
         parser.error(f"--clients: unknown {', '.join(unknown) or '(none)'}")
     args.client_list = [clients.BY_NAME[n] for n in names]
+    for spec in args.daemon_from:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or name in clients.BY_NAME:
+            parser.error(f"--daemon-from {spec}: want NAME=DIR, NAME not floor/peer/daemon")
+        try:
+            args.client_list.append(clients.daemon_from(name, Path(source)))
+        except ValueError as exc:
+            parser.error(f"--daemon-from: {exc}")
 
 
 @dataclass

@@ -114,6 +114,9 @@ def run_measured(
             stdout=out,
             stderr=err,
             env=dict(env),
+            # Not the checkout: `python -m` puts the working directory first on sys.path,
+            # which would shadow the PYTHONPATH a client names its daemon package by.
+            cwd=stdout.parent,
             start_new_session=True,
         )
         try:

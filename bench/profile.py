@@ -20,8 +20,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import harness, report
-from bench.clients import DAEMON, Target
+from bench import clients, harness, report
+from bench.clients import Target
 
 # First match wins, innermost frame first: (component, path fragment).
 COMPONENTS: tuple[tuple[str, str], ...] = (
@@ -79,13 +79,15 @@ def body(argv: Sequence[str] | None) -> int:
     harness.add_common(parser, due=20_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--client", choices=clients.NAMES, default="daemon")
     args = parser.parse_args(argv)
-    args.clients = "daemon"
+    args.clients = args.client
     harness.check_common(parser, args)
+    client = args.client_list[0]
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         parser.error("py-spy not found: pip install -r requirements-bench.txt")
-    out = args.output or harness.RESULTS / "profile.speedscope.json"
+    out = args.output or harness.RESULTS / f"profile-{args.client}.speedscope.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with harness.prepared(args) as bench:
         bench.workload.make_due()
@@ -93,17 +95,18 @@ def body(argv: Sequence[str] | None) -> int:
             bench.workload.database_url, bench.backend.sync_url, args.due, args.concurrency
         )
         cmd = [spy, "record", "--format", "speedscope", "--rate", str(args.rate), "--threads"]
-        cmd += ["--output", str(out), "--", *DAEMON.command(target)]
+        cmd += ["--output", str(out), "--", *client.command(target)]
         log = bench.workdir / "profiled.log"
         with log.open("wb") as stdout:
-            done = subprocess.run(cmd, env=DAEMON.environment(target), stdout=stdout, check=False)
+            done = subprocess.run(cmd, env=client.environment(target), stdout=stdout, check=False)
         meta = bench.meta
     if done.returncode != 0:
         harness.say(f"py-spy exited with {done.returncode}")
         return 1
     components, functions, total = summarise(out)
     lines = [
-        f"py-spy, {args.rate} samples/s, {args.due:,} users, concurrency {args.concurrency}, "
+        f"{client.name}: py-spy, {args.rate} samples/s, {args.due:,} users, "
+        f"concurrency {args.concurrency}, "
         f"all threads (the event loop and the database thread); {total:,} samples.",
         "",
         "| component (innermost frame) | share of samples |",
@@ -117,7 +120,7 @@ def body(argv: Sequence[str] | None) -> int:
     harness.say(text)
     harness.say(f"speedscope profile: {out}")
     if args.write_doc:
-        report.write_section("profile", text)
+        report.write_section(f"profile-{client.name}", text)
     return 0
 
 

@@ -82,7 +82,7 @@ def cpu_table(runs: Sequence[Run], concurrency: int) -> str:
         "| of ideal | wall vs floor |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for client in ("floor", "peer", "daemon"):
+    for client in dict.fromkeys(r.client for r in runs):  # in the order they ran
         mine = by_client(runs, client, concurrency)
         if not mine:
             continue

@@ -23,6 +23,10 @@ class Backlog:
     The scan's side is bounded (the claimer waits for room, so leases are not taken far
     ahead of need); taken-over users go to the front, because their lease already ran
     out once and they have waited longest.
+
+    A claimer waiting for room is woken when the backlog has drained to half of it, not
+    at every claim taken: it then fills half a room at once, rather than being woken,
+    putting one claim and waiting again for each user called.
     """
 
     _URGENT, _SCAN, _LAST = 0, 1, 2
@@ -31,6 +35,7 @@ class Backlog:
         self._queue: asyncio.PriorityQueue[tuple[int, int, Any]] = asyncio.PriorityQueue()
         self._order = itertools.count()
         self._room = room
+        self._low_water = room // 2
         self._freed = asyncio.Event()
 
     async def put(self, claim: Claim) -> None:
@@ -48,7 +53,7 @@ class Backlog:
 
     async def get(self) -> Any:
         item = (await self._queue.get())[2]
-        if self._queue.qsize() < self._room:
+        if self._queue.qsize() <= self._low_water:
             self._freed.set()
         return item
 

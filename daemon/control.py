@@ -22,11 +22,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, delete, exists, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from daemon import __version__, dbclock
-from daemon.database import Database, aware
+from daemon.database import Database, aware, dialect_insert
 from daemon.models import control, instances, operations, runs, user_state
 from daemon.progress import Progress
 
@@ -97,9 +96,7 @@ def read_in(session: Session) -> Control:
 
 
 def _ensure_row(session: Session) -> None:
-    insert_ = (
-        postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    )
+    insert_ = dialect_insert(session.get_bind().dialect.name)
     session.execute(insert_(control).values(id=1, paused=False).on_conflict_do_nothing())
 
 

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 
 from daemon import dbclock, schema
 from daemon.bulk import BulkStatement
-from daemon.database import Database
+from daemon.database import Database, dialect_insert
 from daemon.models import operations, runs, user_state
 from daemon.schema import UsersTable, wire_id
 from daemon.values import Claim, Finished, Outcome, Result
@@ -112,7 +112,7 @@ class Store:
         self._id_kind = users.id_kind
         self._naive_last_sync = not getattr(self._last_sync.type, "timezone", False)
         self._postgres = db.dialect == "postgresql"
-        self._insert = database_insert(db.dialect)
+        self._insert = dialect_insert(db.dialect)
         dialect = db.engine.dialect
         self._db_now = dbclock.now(db.dialect)
         self._lease_end = dbclock.after(db.dialect, lease_seconds)
@@ -146,6 +146,13 @@ class Store:
             select(s.user_key, s.lease_token, s.consecutive_failures)
             .where(s.user_key.in_(bindparam("b_keys", expanding=True)))
             .with_for_update()
+        )
+        self._still_due = select(self._key).where(
+            self._id.in_(bindparam("b_ids", expanding=True)),
+            or_(
+                self._last_sync.is_(None),
+                self._last_sync < bindparam("b_stale", type_=self._last_sync.type),
+            ),
         )
         self._mark_synced = BulkStatement(
             update(users.table)
@@ -412,13 +419,8 @@ class Store:
             return set()
         due = set(
             session.scalars(
-                select(self._key).where(
-                    self._id.in_(list(ids.values())),
-                    or_(
-                        self._last_sync.is_(None),
-                        self._last_sync < self._app_time(stale_before),
-                    ),
-                )
+                self._still_due,
+                {"b_ids": list(ids.values()), "b_stale": self._app_time(stale_before)},
             )
         )
         gone = set(ids) - due
@@ -674,18 +676,6 @@ class Store:
             return int(gone or 0)
 
         return self.db.transaction(unit, name="prune_history")
-
-
-def database_insert(dialect: str) -> Any:
-    """The dialect's INSERT, which has ON CONFLICT; PostgreSQL's imported only when used
-    (its dialect package costs a noticeable part of every start)."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects import postgresql
-
-        return postgresql.insert
-    from sqlalchemy.dialects import sqlite
-
-    return sqlite.insert
 
 
 def _clip(text: str | None) -> str | None:
