@@ -27,7 +27,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 
 class BulkStatement:
-    """One compiled statement and how to turn a row (a dict by bind name) into parameters."""
+    """One statement, compiled at its first use, and how to turn a row (a dict by bind
+    name) into the driver's parameters. Compiling at first use, as SQLAlchemy's own cache
+    does, keeps constructing a Store cheap (status and check-config construct one too)."""
 
     def __init__(
         self,
@@ -38,9 +40,37 @@ class BulkStatement:
     ) -> None:
         """`column_keys`: for an INSERT, the columns each row gives (the others keep their
         server defaults), as SQLAlchemy would take them from the first row."""
-        compiled = statement.compile(
-            dialect=dialect, column_keys=list(column_keys) if column_keys else None
-        )
+        self._statement = statement
+        self._dialect = dialect
+        self._column_keys = list(column_keys) if column_keys else None
+        self._compiled: _Compiled | None = None
+
+    @property
+    def sql(self) -> str:
+        return self._compile().sql
+
+    def _compile(self) -> _Compiled:
+        if self._compiled is None:
+            self._compiled = _Compiled(self._statement, self._dialect, self._column_keys)
+        return self._compiled
+
+    def rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """The driver's parameters for `rows`; a row lacking a required name raises KeyError."""
+        return self._compile().rows(rows)
+
+    def execute(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+        """executemany `rows` in the session's transaction; nothing to do for no rows."""
+        if rows:
+            session.connection().exec_driver_sql(self.sql, self.rows(rows))
+
+
+class _Compiled:
+    """The SQL text and the parameter layout of one statement for one dialect."""
+
+    def __init__(
+        self, statement: ClauseElement, dialect: Dialect, column_keys: list[str] | None
+    ) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
         assert isinstance(compiled, SQLCompiler)
         self.sql = compiled.string
         self._positional = bool(compiled.positional)
@@ -87,11 +117,6 @@ class BulkStatement:
                 ordered if self._positional else dict(zip(self._names, ordered, strict=True))
             )
         return out
-
-    def execute(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-        """executemany `rows` in the session's transaction; nothing to do for no rows."""
-        if rows:
-            session.connection().exec_driver_sql(self.sql, self.rows(rows))
 
 
 _SAMPLES = (
