@@ -32,7 +32,7 @@ def plot(runs: Sequence[Run], levels: Sequence[int], path: Path, title: str) -> 
         for c in levels:
             mine = report.by_client(runs, client, c)
             r = report.Spread.of(x.throughput for x in mine)
-            u = report.Spread.of(x.cpu_us_per_user for x in mine)
+            u = report.Spread.of(report.net_cpu_us(x, runs) for x in mine)
             if r and u:
                 xs.append(c)
                 rate.append(r.median)
@@ -48,7 +48,7 @@ def plot(runs: Sequence[Run], levels: Sequence[int], path: Path, title: str) -> 
     top.set_title(title)
     top.legend()
     top.grid(True, alpha=0.3)
-    bottom.set_ylabel("CPU µs per user (process)")
+    bottom.set_ylabel("CPU µs per user, net of start-up")
     bottom.set_xlabel("concurrency")
     bottom.set_xscale("log", base=2)
     bottom.set_xticks(list(levels), [str(c) for c in levels])
@@ -68,13 +68,20 @@ def table(runs: Sequence[Run], levels: Sequence[int]) -> str:
     ]
     for c in levels:
         cells = [str(c), f"{c / runs[0].latency_ms * 1000:.0f}"]
-        for attr, spec in (("throughput", ".0f"), ("cpu_us_per_user", ".0f")):
-            for client in ("floor", "peer", "daemon"):
-                s = report.Spread.of(getattr(r, attr) for r in report.by_client(runs, client, c))
-                cells.append("n/a" if s is None else format(s.median, spec))
-        for attr in ("cpu_us_per_user", "work_wall_s"):
-            s = report.ratios(runs, "daemon", attr, c)
-            cells.append("n/a" if s is None else f"{s.median:.2f}x")
+        for client in ("floor", "peer", "daemon"):
+            s = report.Spread.of(r.throughput for r in report.by_client(runs, client, c))
+            cells.append("n/a" if s is None else f"{s.median:.0f}")
+        net: dict[str, float | None] = {}
+        for client in ("floor", "peer", "daemon"):
+            s = report.Spread.of(
+                report.net_cpu_us(r, runs) for r in report.by_client(runs, client, c)
+            )
+            net[client] = None if s is None else s.median
+            cells.append("n/a" if s is None else f"{s.median:.0f}")
+        floor, daemon = net["floor"], net["daemon"]
+        cells.append(f"{daemon / floor:.2f}x" if floor and daemon is not None else "n/a")
+        wall = report.ratios(runs, "daemon", "work_wall_s", c)
+        cells.append("n/a" if wall is None else f"{wall.median:.3f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -98,6 +105,9 @@ def body(argv: Sequence[str] | None) -> int:
                 harness.say(f"round {r} of {args.rounds}, concurrency {c}")
                 for client in args.client_list:
                     runs.append(bench.runner.run(client, round_=r, concurrency=c, users=args.due))
+        harness.say("baselines (nothing to do)")
+        for client in args.client_list:
+            runs.append(bench.runner.run(client, round_=0, concurrency=levels[0], users=0))
         meta = bench.meta
     harness.save("concurrency", args, meta, runs)
     title = (
@@ -108,8 +118,8 @@ def body(argv: Sequence[str] | None) -> int:
         [
             f"{args.due:,} due users per run, backend {args.latency_ms:g} ms, SQLite, INFO "
             f"logging; {args.rounds} round(s), the three clients interleaved at each "
-            "concurrency. CPU is the whole process's, start-up included, which weighs more "
-            "at 4,000 users than at 20,000.",
+            "concurrency. CPU per user is net of each client's start-up (its run with "
+            "nothing to do), which would weigh heavily at a few thousand users.",
             f"![throughput and CPU per user against concurrency]({args.plot.name})",
             table(runs, levels),
             report.problems_line(runs),
