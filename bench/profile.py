@@ -107,7 +107,7 @@ def body(argv: Sequence[str] | None) -> int:
     lines = [
         f"{client.name}: py-spy, {args.rate} samples/s, {args.due:,} users, "
         f"concurrency {args.concurrency}, "
-        f"all threads (the event loop and the database thread); {total:,} samples.",
+        f"every thread; {total:,} samples.",
         "",
         "| component (innermost frame) | share of samples |",
         "|---|---:|",
