@@ -202,7 +202,8 @@ class BackendClient:
         not an Exception and goes through.
         """
         watch = progress or Progress()
-        body = json.dumps({**self._payload, "user_id": claim.user_id, "email": claim.email})
+        # Bytes: aiohttp sends them as they are (a str would be encoded again, as text/plain).
+        body = _ENCODE({**self._payload, "user_id": claim.user_id, "email": claim.email}).encode()
         headers = self._headers | {"Idempotency-Key": f"{run_id}-{claim.key}"}
         attempts = 0
         result = _Attempt(Outcome.FAILED, None)
@@ -279,7 +280,7 @@ class BackendClient:
             auth_problem=result.status in (401, 403),
         )
 
-    async def _post(self, body: str, headers: Mapping[str, str]) -> _Attempt:
+    async def _post(self, body: bytes, headers: Mapping[str, str]) -> _Attempt:
         try:
             async with self._session.post(
                 self._settings.backend_url,
@@ -364,14 +365,17 @@ class BackendClient:
         the headers say; aiohttp inflates only as far as it is read.
         """
         cap = self._settings.response_max_bytes
+        content = response.content
         chunks: list[bytes] = []
         size = 0
         while size <= cap:
-            chunk = await response.content.read(cap + 1 - size)
+            chunk = await content.read(cap + 1 - size)
             if not chunk:
                 return b"".join(chunks), False
             chunks.append(chunk)
             size += len(chunk)
+            if size <= cap and content.at_eof():  # the whole body (the usual small answer)
+                return b"".join(chunks), False
         return b"", True
 
     async def _poll(self, url: str, headers: Mapping[str, str], accepted: Any) -> _Attempt:
@@ -468,13 +472,19 @@ def _json_or_none(raw: bytes) -> Any:
     brackets is well within the size cap.
     """
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
+        # What json.loads does with bytes, with one decoder made once (loads with a keyword
+        # argument builds a new one per call).
+        return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_ENCODE = json.JSONEncoder().encode
 
 
 def _progress_url(request_url: URL, link: str) -> tuple[str | None, str]:

@@ -40,6 +40,10 @@ class Backlog:
     The scan's side is bounded (the claimer waits for room, so leases are not taken far
     ahead of need); taken-over users go to the front, because their lease already ran
     out once and they have waited longest.
+
+    A claimer waiting for room is woken when the backlog has drained to half of it, not
+    at every claim taken: it then fills half a room at once, rather than being woken,
+    putting one claim and waiting again for each user called.
     """
 
     _URGENT, _SCAN, _LAST = 0, 1, 2

@@ -37,11 +37,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from daemon import __version__, dbclock
-from daemon.database import Database, aware, short_error
+from daemon.database import Database, aware, dialect_insert, short_error
 from daemon.errors import StoreError
 from daemon.models import control, instances, operations, runs, user_state
 from daemon.pollconn import PollConnection
@@ -118,9 +117,7 @@ def read_in(session: Session | Connection) -> Control:
 
 
 def _ensure_row(session: Session) -> None:
-    insert_ = (
-        postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    )
+    insert_ = dialect_insert(session.get_bind().dialect.name)
     session.execute(insert_(control).values(id=1, paused=False).on_conflict_do_nothing())
 
 

@@ -180,6 +180,18 @@ def _sqlite_on_begin(file: SqliteFile | None) -> Callable[[Any], None]:
     return on_begin
 
 
+def dialect_insert(dialect: str) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT; PostgreSQL's imported only when used
+    (its dialect package costs a noticeable part of every start)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -8,9 +8,11 @@ The JSON lines carry every field; the console form is the short one people read
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -47,6 +49,41 @@ def _for_people(logger: WrappedLogger, name: str, event: EventDict) -> EventDict
     return logline.for_people(event)
 
 
+_METHOD_LEVELS = {"warn": "warning", "exception": "error"}
+
+
+def _json_fallback(value: Any) -> Any:
+    """What JSONRenderer does with a value JSON has no form for: its __structlog__, or repr."""
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+class _JsonLine:
+    """The JSON form's whole chain as one processor, for one line per synced user.
+
+    It does what merge_contextvars, add_log_level, TimeStamper(fmt="iso", utc=True),
+    dict_tracebacks and the redacting JSONRenderer do one after another, in that order,
+    so the keys and their order are the same; four processor calls fewer per line
+    matter when a line is written for each of tens of thousands of users per cycle.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # One encoder for every line: json.dumps(..., default=...) builds a new one per call.
+        encode = json.JSONEncoder(default=_json_fallback).encode
+        self._render = _Redactor(lambda _logger, _name, event: encode(event), secrets)
+        self._tracebacks = structlog.processors.dict_tracebacks
+
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> str:
+        event = structlog.contextvars.merge_contextvars(logger, name, event)
+        event["level"] = _METHOD_LEVELS.get(name, name)
+        event["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        if "exc_info" in event:
+            event = self._tracebacks(logger, name, event)
+        return self._render(logger, name, event)
+
+
 class _LibraryBridge(logging.Handler):
     """Warnings that libraries log through `logging` (psycopg, aiohttp, asyncio) become
     our own log lines on stdout, never bare text on stderr: stderr carries only the one
@@ -71,18 +108,17 @@ def configure(
     """Configure structlog for the whole process; safe to call again on SIGHUP."""
     out = stream or sys.stdout
     console = fmt == "console" or (fmt == "auto" and out.isatty())
-    renderer: Processor
+    processors: list[Processor]
     if console:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty(), sort_keys=False)
+        processors = [
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _for_people,
+            _Redactor(structlog.dev.ConsoleRenderer(colors=out.isatty(), sort_keys=False), secrets),
+        ]
     else:
-        renderer = structlog.processors.JSONRenderer()
-    processors: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    processors.append(_for_people if console else structlog.processors.dict_tracebacks)
-    processors.append(_Redactor(renderer, secrets))
+        processors = [_JsonLine(secrets)]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),

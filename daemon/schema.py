@@ -125,8 +125,14 @@ class _SqliteTime(TypeDecorator[Any]):
         if self.storage is Storage.UNIX_MILLISECONDS:
             return int(utc.timestamp() * 1000)
         naive = utc.replace(tzinfo=None)
+        # isoformat gives strftime's text, faster (this runs for every synced user), except
+        # before year 1000, where glibc's %Y does not pad to four digits.
         if self.storage is Storage.ISO8601:
+            if naive.year >= 1000:
+                return naive.isoformat("T", "microseconds") + self.suffix
             return naive.strftime("%Y-%m-%dT%H:%M:%S.%f") + self.suffix
+        if naive.year >= 1000:
+            return naive.isoformat(" ", "microseconds")
         return naive.strftime(_SQLITE_TEXT)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:

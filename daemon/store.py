@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Float,
+    Integer,
     Select,
     String,
     and_,
@@ -41,16 +42,26 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from daemon import dbclock, freshness, schema
-from daemon.database import Database
+from daemon.bulk import BulkStatement
+from daemon.database import Database, dialect_insert
 from daemon.models import operations, runs, user_state
 from daemon.schema import UsersTable, wire_id
 from daemon.values import Claim, Finished, Outcome, Result
 
 ERROR_TEXT_LIMIT = 500
+_NO_LEASE: tuple[str | None, int] = (None, 0)
+# The columns each claim's upsert and each operation row give; the rest keep defaults.
+_LEASE_COLUMNS = (
+    *("user_key", "lease_owner", "lease_token", "last_run_id", "consecutive_failures"),
+    *("lease_expires_at", "last_attempt_at"),
+)
+_OPERATION_COLUMNS = (
+    *("id", "run_id", "user_key", "instance", "started_at", "heartbeat_at", "finished_at"),
+    *("outcome", "http_status", "attempts", "error", "duration_ms"),
+)
 _OUTCOME_FIELDS = (
     "finished_at",
     "heartbeat_at",
@@ -121,7 +132,8 @@ class Store:
         self._id_kind = users.id_kind
         self._naive_last_sync = not getattr(self._last_sync.type, "timezone", False)
         self._postgres = db.dialect == "postgresql"
-        self._insert = postgresql.insert if self._postgres else sqlite.insert
+        self._insert = dialect_insert(db.dialect)
+        dialect = db.engine.dialect
         self._db_now = dbclock.now(db.dialect)
         self._lease_end = dbclock.after(db.dialect, lease_seconds)
         # Counted for the cycle's log line (how much instances got in each other's way):
@@ -148,7 +160,26 @@ class Store:
                 user_state.c.lease_expires_at < self._db_now,
             ),
         )
-        self._mark_synced = (
+        self._take_lease_bulk = BulkStatement(self._take_lease, dialect, column_keys=_LEASE_COLUMNS)
+        s = user_state.c
+        self._leases_of = select(s.user_key, s.lease_token).where(
+            s.user_key.in_(bindparam("b_keys", expanding=True))
+        )
+        # PostgreSQL: hold the rows, so no takeover lands between this read and the
+        # fenced writes of `finish` (SQLite's BEGIN IMMEDIATE already does).
+        self._held_of = (
+            select(s.user_key, s.lease_token, s.consecutive_failures)
+            .where(s.user_key.in_(bindparam("b_keys", expanding=True)))
+            .with_for_update()
+        )
+        self._still_due = select(self._key).where(
+            self._id.in_(bindparam("b_ids", expanding=True)),
+            or_(
+                self._last_sync.is_(None),
+                self._last_sync < bindparam("b_stale", type_=self._last_sync.type),
+            ),
+        )
+        self._mark_synced = BulkStatement(
             update(users.table)
             .where(self._id == bindparam("b_id"))
             .where(
@@ -157,8 +188,51 @@ class Store:
                     user_state.c.lease_token == bindparam("b_token"),
                 )
             )
-            .values({users.last_sync_column: bindparam("b_synced_at", type_=self._last_sync.type)})
+            .values({users.last_sync_column: bindparam("b_synced_at", type_=self._last_sync.type)}),
+            dialect,
         )
+        fence = (s.user_key == bindparam("b_key"), s.lease_token == bindparam("b_token"))
+        unlease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
+        self._decide = BulkStatement(
+            update(user_state)
+            .where(*fence)
+            .values(
+                **unlease,
+                last_success_at=func.coalesce(
+                    bindparam("last_success_at", type_=s.last_success_at.type),
+                    s.last_success_at,
+                ),
+                consecutive_failures=bindparam("consecutive_failures", type_=Integer),
+                # NULL (a success) clears the backoff; a failure's runs from db time.
+                next_attempt_at=dbclock.after(db.dialect, bindparam("b_backoff", type_=Float)),
+                last_status=bindparam("last_status", type_=s.last_status.type),
+                last_error=bindparam("last_error", type_=s.last_error.type),
+            ),
+            dialect,
+        )
+        self._leave_undecided = BulkStatement(
+            update(user_state)
+            .where(*fence)
+            .values(
+                **unlease,
+                last_status=func.coalesce(
+                    bindparam("last_status", type_=s.last_status.type), s.last_status
+                ),
+            ),
+            dialect,
+        )
+        o = operations.c
+        # heartbeat_at is finished_at: one parameter, converted once per row.
+        record = self._insert(operations).values(
+            {name: bindparam(name, type_=o[name].type) for name in _OPERATION_COLUMNS}
+            | {"heartbeat_at": bindparam("finished_at", type_=o.finished_at.type)}
+        )
+        # `cleanup` may have recorded this claim as abandoned already: the real outcome wins.
+        record = record.on_conflict_do_update(
+            index_elements=[operations.c.id],
+            set_={name: record.excluded[name] for name in _OUTCOME_FIELDS},
+        )
+        self._record = BulkStatement(record, dialect)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -359,10 +433,9 @@ class Store:
             self.claims_contended += found - len(rows)
             if not rows:
                 return []
-        s = user_state.c
         tokens = {row[2]: uuid.uuid4().hex for row in rows}
-        session.execute(
-            self._take_lease,
+        self._take_lease_bulk.execute(
+            session,
             [
                 {
                     "user_key": key,
@@ -377,9 +450,7 @@ class Store:
         # A conditional upsert cannot say per row whether it won; the tokens can.
         won = {
             key
-            for key, token in session.execute(
-                select(s.user_key, s.lease_token).where(s.user_key.in_(list(tokens)))
-            )
+            for key, token in session.execute(self._leases_of, {"b_keys": list(tokens)})
             if token == tokens[key]
         }
         won -= self._synced_meanwhile(session, rows, won, tokens, stale_before)
@@ -406,13 +477,8 @@ class Store:
             return set()
         due = set(
             session.scalars(
-                select(self._key).where(
-                    self._id.in_(list(ids.values())),
-                    or_(
-                        self._last_sync.is_(None),
-                        self._last_sync < self._app_time(stale_before),
-                    ),
-                )
+                self._still_due,
+                {"b_ids": list(ids.values()), "b_stale": self._app_time(stale_before)},
             )
         )
         gone = set(ids) - due
@@ -461,23 +527,22 @@ class Store:
             return Finished()
 
         def unit(session: Session) -> Finished:
-            s = user_state.c
             current = {
                 key: (token, failures)
                 for key, token, failures in session.execute(
-                    select(s.user_key, s.lease_token, s.consecutive_failures)
-                    .where(s.user_key.in_([r.claim.key for r in results]))
-                    # PostgreSQL: hold the rows, so no takeover lands between this read
-                    # and the fenced writes below (SQLite's BEGIN IMMEDIATE already does).
-                    .with_for_update()
+                    self._held_of, {"b_keys": [r.claim.key for r in results]}
                 )
             }
-            held = [r for r in results if current.get(r.claim.key, (None, 0))[0] == r.claim.token]
-            lost = [r for r in results if current.get(r.claim.key, (None, 0))[0] != r.claim.token]
+            held: list[Result] = []
+            lost: list[Result] = []
+            for r in results:
+                (held if current.get(r.claim.key, _NO_LEASE)[0] == r.claim.token else lost).append(
+                    r
+                )
             successes = [r for r in held if r.outcome is Outcome.SUCCESS]
             if successes:
-                session.execute(
-                    self._mark_synced,
+                self._mark_synced.execute(
+                    session,
                     [
                         {
                             "b_id": r.claim.row_id,
@@ -509,17 +574,14 @@ class Store:
         *,
         backoff: Callable[[int], float],
     ) -> None:
-        s = user_state.c
-        fence = (s.user_key == bindparam("b_key"), s.lease_token == bindparam("b_token"))
-        unlease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
         decided: list[dict[str, Any]] = []
         undecided: list[dict[str, Any]] = []
         for r in held:
-            ids = {"b_key": r.claim.key, "b_token": r.claim.token}
             if r.outcome is Outcome.SUCCESS:
                 decided.append(
-                    ids
-                    | {
+                    {
+                        "b_key": r.claim.key,
+                        "b_token": r.claim.token,
                         "last_success_at": r.finished_at,
                         "consecutive_failures": 0,
                         "b_backoff": None,
@@ -530,8 +592,9 @@ class Store:
             elif r.outcome is Outcome.FAILED:
                 failures = current[r.claim.key][1] + 1
                 decided.append(
-                    ids
-                    | {
+                    {
+                        "b_key": r.claim.key,
+                        "b_token": r.claim.token,
                         "last_success_at": None,
                         "consecutive_failures": failures,
                         "b_backoff": backoff(failures),
@@ -541,53 +604,19 @@ class Store:
                 )
             else:
                 # CONFLICT and RELEASED decide nothing: the failure history stays as it was.
-                undecided.append(ids | {"last_status": r.http_status})
-        if decided:
-            session.execute(
-                update(user_state)
-                .where(*fence)
-                .values(
-                    **unlease,
-                    last_success_at=func.coalesce(
-                        bindparam("last_success_at", type_=s.last_success_at.type),
-                        s.last_success_at,
-                    ),
-                    consecutive_failures=bindparam("consecutive_failures"),
-                    # NULL (a success) clears the backoff; a failure's runs from db time.
-                    next_attempt_at=dbclock.after(
-                        self.db.dialect, bindparam("b_backoff", type_=Float)
-                    ),
-                    last_status=bindparam("last_status", type_=s.last_status.type),
-                    last_error=bindparam("last_error", type_=s.last_error.type),
-                ),
-                decided,
-            )
-        if undecided:
-            session.execute(
-                update(user_state)
-                .where(*fence)
-                .values(
-                    **unlease,
-                    last_status=func.coalesce(
-                        bindparam("last_status", type_=s.last_status.type), s.last_status
-                    ),
-                ),
-                undecided,
-            )
+                undecided.append(
+                    {"b_key": r.claim.key, "b_token": r.claim.token, "last_status": r.http_status}
+                )
+        self._decide.execute(session, decided)
+        self._leave_undecided.execute(session, undecided)
 
     def _close_operations(
         self, session: Session, results: Sequence[Result], lost: Sequence[Result]
     ) -> None:
         """One row per finished attempt; in-flight work is the lease row itself."""
         lost_tokens = {r.claim.token for r in lost}
-        record = self._insert(operations)
-        # `cleanup` may have recorded this claim as abandoned already: the real outcome wins.
-        record = record.on_conflict_do_update(
-            index_elements=[operations.c.id],
-            set_={name: record.excluded[name] for name in _OUTCOME_FIELDS},
-        )
-        session.execute(
-            record,
+        self._record.execute(
+            session,
             [
                 {
                     "id": r.claim.token,
@@ -595,7 +624,6 @@ class Store:
                     "user_key": r.claim.key,
                     "instance": self.instance,
                     "started_at": r.claim.claimed_at or r.finished_at,
-                    "heartbeat_at": r.finished_at,
                     "finished_at": r.finished_at,
                     "outcome": "lease_lost" if r.claim.token in lost_tokens else r.outcome.value,
                     "http_status": r.http_status,

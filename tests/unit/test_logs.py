@@ -106,3 +106,40 @@ def test_the_console_still_prints_a_traceback() -> None:
         logs.get_logger(run_id=RUN_ID).error("cycle_crashed", error=repr(exc), exc_info=exc)
     assert "ValueError: boom" in out.getvalue()
     assert "Traceback" in out.getvalue()
+
+
+def test_a_json_line_is_what_structlogs_own_processor_chain_renders() -> None:
+    """Same keys in the same order, tracebacks as dicts, bound contextvars merged."""
+    out = io.StringIO()
+    logs.configure("INFO", "json", stream=out)
+    chain = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.dict_tracebacks,
+        structlog.processors.JSONRenderer(),
+    ]
+    structlog.contextvars.bind_contextvars(instance="host-1")
+    try:
+        logs.get_logger(run_id="r1").info("user_synced", user_id=7, result={"n": 1})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logs.get_logger(run_id="r1").warn("user_sync_failed", user_id=8, exc_info=True)
+            expected_failure = _render(chain, "warn", "user_sync_failed", user_id=8, exc_info=True)
+        expected_success = _render(chain, "info", "user_synced", user_id=7, result={"n": 1})
+    finally:
+        structlog.contextvars.clear_contextvars()
+    got = [json.loads(x) for x in out.getvalue().splitlines()]
+    want = [json.loads(expected_success), json.loads(expected_failure)]
+    for line, expected in zip(got, want, strict=True):
+        assert list(line) == list(expected)
+        line.pop("timestamp"), expected.pop("timestamp")
+        assert line == expected
+
+
+def _render(chain: list, method: str, event: str, **fields: object) -> str:
+    event_dict: dict = {"run_id": "r1", **fields, "event": event}
+    for processor in chain:
+        event_dict = processor(None, method, event_dict)
+    return str(event_dict)
