@@ -415,6 +415,10 @@ class App:
 
     async def _shut_down(self) -> int:
         self._state = "stopping"
+        if self._store is not None:
+            # A fatal exit (the outage bound, a lost file) ends like a stop: each database
+            # unit still tried once, none waited out with retries.
+            self._store.db.closing.set()
         self._notifier.stopping(self.status_line())
         await self._cycles.wait()
         self._log.info("daemon_stopped", exit_status=self._fatal or EX_OK)

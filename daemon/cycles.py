@@ -234,7 +234,10 @@ class Cycles:
             self.last_report = report
             self._carry = report.unrecorded
             host.after_cycle(report)  # still `running`: the host may read the cycle
-            if report.schema_error is None and not host.stop_event.is_set():
+            # Not after a database failure: the measurement would only wait out the same
+            # outage (the freshness timer measures again once it is over).
+            measurable = report.outcome != "crashed" and report.schema_error is None
+            if measurable and not host.stop_event.is_set():
                 await host.measure_freshness(after_a_cycle=True)
             probe_in = host.gate.probe_in()
             stopping = host.stop_event.is_set()

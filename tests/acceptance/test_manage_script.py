@@ -982,7 +982,9 @@ def test_self_managed_pause_without_the_daemons_tables_fails_clearly(sandbox: Sa
     _real_cli(sandbox)
     result = sandbox.run("pause", timeout=60)
     assert result.returncode == 1
-    assert "the daemon's tables are missing; run `background-sync migrate`" in result.stderr
+    # no database file at all: refused, and none is created
+    assert "SYNC_DATABASE_URL: no database file at" in result.stderr
+    assert "run `background-sync migrate`" in result.stderr
     assert "'background-sync pause' failed (exit status 78)" in result.stderr
 
 
