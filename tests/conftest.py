@@ -359,3 +359,25 @@ def httpbin_url() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def app_settings(tmp_path: Path, backend: ReferenceBackend, users: int = 5, **env: str) -> Settings:
+    """Settings of an in-process App on a migrated SQLite file with `users` demo users."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    settings = settings_module.load(
+        {
+            "SYNC_DATABASE_URL": url,
+            "SYNC_BACKEND_URL": backend.url,
+            "SYNC_STATUS_ADDRESS": "127.0.0.1:0",
+            "SYNC_JITTER_SECONDS": "0",
+            "SYNC_RETRY_DELAY_SECONDS": "0.01",
+            "SYNC_INTERVAL_SECONDS": "3600",
+            "SYNC_LOG_FORMAT": "json",
+        }
+        | env
+    )
+    engine = make_engine(url)
+    migrate(engine)
+    demo.seed(engine, settings, users)
+    engine.dispose()
+    return settings

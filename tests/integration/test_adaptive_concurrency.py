@@ -16,16 +16,13 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from daemon import demo
-from daemon import settings as settings_module
 from daemon.app import EX_OK, App
 from daemon.backend import BackendClient
 from daemon.concurrency import Concurrency
 from daemon.cycle import Cycle, DbRunner
-from daemon.database import make_engine, migrate
 from daemon.limiter import INITIAL_LIMIT, REASONS
 from daemon.settings import Settings
-from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
+from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory, app_settings
 from tests.waiting import wait_until_async
 
 USERS = 40  # calls per cycle
@@ -160,23 +157,7 @@ async def test_the_limit_its_reason_and_the_baseline_are_in_status_metrics_and_l
     """A daemon against a backend of capacity 2: the limit comes down from its slow start,
     and every view shows the same limit; each change is logged once, not each call."""
     await backend.faults(latency_ms=LATENCY_MS, capacity=2, queue_limit=4)
-    url = f"sqlite:///{tmp_path / 'app.db'}"
-    settings = settings_module.load(
-        {
-            "SYNC_DATABASE_URL": url,
-            "SYNC_BACKEND_URL": backend.url,
-            "SYNC_STATUS_ADDRESS": "127.0.0.1:0",
-            "SYNC_JITTER_SECONDS": "0",
-            "SYNC_RETRY_DELAY_SECONDS": "0.01",
-            "SYNC_INTERVAL_SECONDS": "3600",
-            "SYNC_CONCURRENCY": "16",
-            "SYNC_LOG_FORMAT": "json",
-        }
-    )
-    engine = make_engine(url)
-    migrate(engine)
-    demo.seed(engine, settings, 120)
-    engine.dispose()
+    settings = app_settings(tmp_path, backend, users=120, SYNC_CONCURRENCY="16")
     daemon = App(settings)
     lines: list[str] = []
     with capture_logs() as logs:

@@ -17,34 +17,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon import app as app_module
-from daemon import control, demo, supervisor
-from daemon import settings as settings_module
+from daemon import control, supervisor
 from daemon.app import EX_OK, EX_SOFTWARE, App
-from daemon.database import Database, make_engine, migrate, utcnow
-from daemon.settings import Settings
-from tests.conftest import ReferenceBackend
+from daemon.database import Database, make_engine, utcnow
+from tests.conftest import ReferenceBackend, app_settings
 from tests.waiting import wait_until_async
-
-
-def app_settings(tmp_path: Path, backend: ReferenceBackend, users: int = 5, **env: str) -> Settings:
-    url = f"sqlite:///{tmp_path / 'app.db'}"
-    settings = settings_module.load(
-        {
-            "SYNC_DATABASE_URL": url,
-            "SYNC_BACKEND_URL": backend.url,
-            "SYNC_STATUS_ADDRESS": "127.0.0.1:0",
-            "SYNC_JITTER_SECONDS": "0",
-            "SYNC_RETRY_DELAY_SECONDS": "0.01",
-            "SYNC_INTERVAL_SECONDS": "3600",
-            "SYNC_LOG_FORMAT": "json",
-        }
-        | env
-    )
-    engine = make_engine(url)
-    migrate(engine)
-    demo.seed(engine, settings, users)
-    engine.dispose()
-    return settings
 
 
 @pytest.fixture
