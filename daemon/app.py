@@ -539,6 +539,7 @@ class App:
         except (StoreError, ConfigError) as exc:
             self._log.warning("freshness_not_measured", error=str(exc))
             return
+        took_ms = round((time.monotonic() - begin) * 1000, 1)  # the measurement alone
         crossed = self._health.freshness.record(found, after_a_cycle=after_a_cycle)
         self.metrics.show_freshness(found)
         await self._show_due()
@@ -552,7 +553,7 @@ class App:
             oldest_overdue_s=None
             if found.oldest_overdue_s is None
             else round(found.oldest_overdue_s, 1),
-            duration_ms=round((time.monotonic() - begin) * 1000, 1),
+            duration_ms=took_ms,
         )
         if crossed is not None:
             level = self._log.info if crossed == "freshness_objective_met" else self._log.warning
