@@ -15,7 +15,6 @@ fixed in the statement (no expanding IN, no defaults computed in Python).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -73,16 +72,15 @@ class _Compiled:
         compiled = statement.compile(dialect=dialect, column_keys=column_keys)
         assert isinstance(compiled, SQLCompiler)
         self.sql = compiled.string
-        self._positional = bool(compiled.positional)
+        positional = bool(compiled.positional)
         by_name = {name: bind for bind, name in compiled.bind_names.items()}
-        names = list(compiled.positiontup or []) if self._positional else list(by_name)
-        self._names = names
+        names = list(compiled.positiontup or []) if positional else list(by_name)
         # Each distinct parameter the rows give is read and processed once per row, even
         # where the statement uses it twice; the statement's own values once, here.
         given: list[str] = []
         fixed: list[Any] = []
-        self._layout: list[int] = []  # >= 0: the row's given[i]; < 0: fixed[~i]
-        self._processors: list[tuple[int, Callable[[Any], Any]]] = []
+        layout: list[int] = []  # >= 0: the row's given[i]; < 0: fixed[~i]
+        processors: dict[int, Callable[[Any], Any]] = {}
         for name in names:
             bind = by_name[name]
             if bind.expanding or bind.callable is not None:
@@ -91,32 +89,55 @@ class _Compiled:
             if not bind.required:
                 value = bind.value if processor is None else processor(bind.value)
                 fixed.append(value)
-                self._layout.append(~(len(fixed) - 1))
+                layout.append(~(len(fixed) - 1))
             elif bind.key in given:
-                self._layout.append(given.index(bind.key))
+                layout.append(given.index(bind.key))
             else:
                 given.append(bind.key)
-                self._layout.append(len(given) - 1)
+                layout.append(len(given) - 1)
                 if processor is not None:
-                    self._processors.append((len(given) - 1, processor))
-        self._fixed = fixed
-        self._given = given
-        self._get = operator.itemgetter(*given) if given else (lambda row: ())
+                    processors[len(given) - 1] = processor
+        self._row = _row_builder(given, layout, processors, fixed, None if positional else names)
 
     def rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
         """The driver's parameters for `rows`; a row lacking a required name raises KeyError."""
-        get, processors, layout, fixed = self._get, self._processors, self._layout, self._fixed
-        single = len(self._given) == 1
-        out: list[Any] = []
-        for row in rows:
-            values = [get(row)] if single else list(get(row))
-            for index, processor in processors:
-                values[index] = processor(values[index])
-            ordered = tuple([values[i] if i >= 0 else fixed[~i] for i in layout])
-            out.append(
-                ordered if self._positional else dict(zip(self._names, ordered, strict=True))
-            )
-        return out
+        return list(map(self._row, rows))
+
+
+def _row_builder(
+    given: Sequence[str],
+    layout: Sequence[int],
+    processors: Mapping[int, Callable[[Any], Any]],
+    fixed: Sequence[Any],
+    names: Sequence[str] | None,
+) -> Callable[[Mapping[str, Any]], Any]:
+    """One function that turns a row into the driver's parameters, written for this layout.
+
+    The generic loop (read the values, process some, reorder) cost about as much CPU per
+    row as SQLite took to write it; a function with the reads, the processor calls and
+    the order written out costs a fraction. SQLAlchemy builds its own hot paths the same
+    way. Only names and indexes enter the source (the names through repr); values and
+    processors are passed in its namespace.
+    """
+    namespace: dict[str, Any] = {}
+    lines = ["def build(row):"]
+    for index, key in enumerate(given):
+        read = f"row[{key!r}]"
+        if index in processors:
+            namespace[f"p{index}"] = processors[index]
+            read = f"p{index}({read})"
+        lines.append(f"    v{index} = {read}")
+    for index, value in enumerate(fixed):
+        namespace[f"f{index}"] = value
+    values = [f"v{i}" if i >= 0 else f"f{~i}" for i in layout]
+    if names is None:
+        lines.append(f"    return ({', '.join(values)}{',' if len(values) == 1 else ''})")
+    else:
+        pairs = ", ".join(f"{name!r}: {value}" for name, value in zip(names, values, strict=True))
+        lines.append(f"    return {{{pairs}}}")
+    exec("\n".join(lines), namespace)  # the source holds names and indexes only
+    build: Callable[[Mapping[str, Any]], Any] = namespace["build"]
+    return build
 
 
 _SAMPLES = (
@@ -144,6 +165,11 @@ def _faster(processor: Callable[[Any], Any] | None) -> Callable[[Any], Any] | No
         return processor
 
     def iso_or_original(value: Any) -> Any:
-        return _iso_text(value) if type(value) is datetime else processor(value)
+        if type(value) is not datetime:
+            return processor(value)
+        if value.tzinfo is UTC:  # the usual case: no new datetime, the offset cut off
+            text = value.isoformat(" ")
+            return text[:-6] if value.microsecond else text[:-6] + ".000000"
+        return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
     return iso_or_original

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -60,6 +61,11 @@ def _json_fallback(value: Any) -> Any:
         return repr(value)
 
 
+# Values the json module has no form for go to `_json_fallback` with orjson too, rather
+# than orjson's own rendering of them.
+_ORJSON_AS_JSON_MODULE = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
 class _JsonLine:
     """The JSON form's whole chain as one processor, for one line per synced user.
 
@@ -67,13 +73,26 @@ class _JsonLine:
     dict_tracebacks and the redacting JSONRenderer do one after another, in that order,
     so the keys and their order are the same; four processor calls fewer per line
     matter when a line is written for each of tens of thousands of users per cycle.
+
+    The line is encoded by orjson, which takes a third of the json module's time
+    (structlog's own performance advice); it is kept only when it is plain ASCII, so a
+    line reads the same on a stdout of any encoding. Anything else (non-ASCII text, an
+    integer beyond 64 bits, a key that is not a string) is encoded by the json module,
+    which escapes it, as every line used to be.
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
         # One encoder for every line: json.dumps(..., default=...) builds a new one per call.
-        encode = json.JSONEncoder(default=_json_fallback).encode
-        self._render = _Redactor(lambda _logger, _name, event: encode(event), secrets)
+        self._encode = json.JSONEncoder(default=_json_fallback).encode
+        self._render = _Redactor(lambda _logger, _name, event: self._line(event), secrets)
         self._tracebacks = structlog.processors.dict_tracebacks
+
+    def _line(self, event: EventDict) -> str:
+        try:
+            line = orjson.dumps(event, default=_json_fallback, option=_ORJSON_AS_JSON_MODULE)
+        except (TypeError, orjson.JSONEncodeError):
+            return self._encode(event)
+        return line.decode("ascii") if line.isascii() else self._encode(event)
 
     def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> str:
         event = structlog.contextvars.merge_contextvars(logger, name, event)

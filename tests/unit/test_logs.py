@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from datetime import UTC, datetime
 
 import pytest
 import structlog
@@ -143,3 +144,37 @@ def _render(chain: list, method: str, event: str, **fields: object) -> str:
     for processor in chain:
         event_dict = processor(None, method, event_dict)
     return str(event_dict)
+
+
+def _json_lines(**fields: object) -> list[dict[str, object]]:
+    out = io.StringIO()
+    logs.configure("INFO", "json", stream=out)
+    logs.get_logger(run_id=RUN_ID).warning("user_sync_failed", **fields)
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_a_json_line_is_plain_ascii_whatever_text_it_carries() -> None:
+    """A stdout whose encoding is not UTF-8 must never fail on a backend's message."""
+    out = io.StringIO()
+    logs.configure("INFO", "json", stream=out)
+    logs.get_logger(run_id=RUN_ID).warning("user_sync_failed", error="déjà vu \u2603 \ud800")
+    text = out.getvalue()
+    assert text.isascii()
+    assert json.loads(text)["error"] == "déjà vu \u2603 \ud800"
+
+
+def test_values_json_cannot_encode_natively_are_logged_as_before() -> None:
+    """Integers past 64 bits, non-string keys, datetimes: the same as the json module's."""
+    when = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    (line,) = _json_lines(user_id=2**70, result={1: 2}, at=when)
+    assert line["user_id"] == 2**70
+    assert line["result"] == {"1": 2}
+    assert line["at"] == repr(when)
+
+
+def test_a_secret_in_a_json_line_is_redacted() -> None:
+    out = io.StringIO()
+    logs.configure("INFO", "json", secrets=["s3cret-token"], stream=out)
+    logs.get_logger(run_id=RUN_ID).warning("user_sync_failed", error="echo: s3cret-token")
+    assert "s3cret-token" not in out.getvalue()
+    assert json.loads(out.getvalue())["error"] == "echo: <redacted>"
