@@ -166,12 +166,17 @@ class Recorder:
         self._monotonic = monotonic
         self._wall = wall
         self._written: _Moment | None = None
+        self._settings: Settings | None = None
+        self._values: tuple[Any, ...] = ()
 
     def record(self, settings: Settings, live: Live) -> Record:
         now = self._monotonic()
+        if settings is not self._settings:  # a reload replaces the object
+            self._settings = settings
+            self._values = tuple(getattr(settings, n) for n in NAMES if hasattr(settings, n))
         concurrency = live.concurrency
         moment = _Moment(
-            values=tuple(getattr(settings, name) for name in NAMES if hasattr(settings, name)),
+            values=self._values,
             facts=(
                 live.in_flight,
                 live.run_id,
