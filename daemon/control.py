@@ -168,7 +168,8 @@ def report_instance(
     connection: PollConnection | None = None,
 ) -> Reported:
     """Refresh this instance's row, read the control row and, with `census`, count every
-    instance by state, in one short transaction.
+    instance by state: on the kept connection one UPDATE that returns the switches (and
+    the census after it), otherwise one short transaction.
 
     The heartbeat is the database's time (`cleanup` compares it with that); `now` is
     not used. `settings` (JSON, see daemon.thresholds) and `health` are what `status`
@@ -411,8 +412,8 @@ class Poll:
     text was last written and when the instances were last counted.
 
     The app runs `report` every CONTROL_POLL_SECONDS in a supervised side task: it
-    publishes the instance's row and reads the switches in one short transaction, on a
-    connection kept for it (daemon.pollconn); every CENSUS_SECONDS the same transaction
+    publishes the instance's row and reads the switches in one statement, on a
+    connection kept for it (daemon.pollconn); every CENSUS_SECONDS a second statement
     counts every instance by state too, for the metrics.
     """
 
