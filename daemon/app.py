@@ -135,6 +135,8 @@ class App:
         self.metrics.show_concurrency(self.concurrency.limiter)
         self._state = "starting"
         self._shown: str | None = None  # the last STATUS= line, which the poll reports
+        self._health_shown: str | None = None  # the health gauge's state, as last set
+        self._census_shown: dict[str, int] = {}  # the instances gauge, as last set
 
     # -- what a cycle needs (daemon.cycles.CycleHost) ---------------------------------
 
@@ -459,6 +461,7 @@ class App:
 
     async def _poll_control(self) -> None:
         """Publish this instance's state; read pause and force."""
+        verdict = self.health()  # one verdict for the row's health and its reasons
         try:
             switches = await self._control.report(
                 self._db_runner,
@@ -467,10 +470,11 @@ class App:
                 now=self._clock.now(),
                 state=self._public_state(),
                 circuit=self.gate.state.value,
-                status=self._shown or self.status_line(),  # STATUS= as last sent
+                status=self._shown or self.status_line(verdict),  # STATUS= as last sent
                 bound_s=self.settings.lease_seconds,
-                settings=thresholds.dump(self.settings, self._live()),
-                health=self.health().state.value,
+                settings=self.settings,
+                live=self._live(verdict),
+                health=verdict.state.value,
             )
         except StoreError as exc:
             if self._health.database_down_since is None:
@@ -478,10 +482,12 @@ class App:
             self._note_database(False)
             return
         self._note_database(True)
-        self.metrics.show_instances(self._control.instances)
+        if self._control.instances != self._census_shown:
+            self._census_shown = self._control.instances
+            self.metrics.show_instances(self._census_shown)
         self._apply_control(switches)
 
-    def _live(self) -> thresholds.Live:
+    def _live(self, verdict: health.Health) -> thresholds.Live:
         """The moment's facts `status` shows beside the thresholds (the instance row)."""
         cycle = self._cycles.running
         return thresholds.Live(
@@ -489,7 +495,7 @@ class App:
             run_id=cycle.run_id if cycle is not None else None,
             next_cycle_in_s=None if cycle is not None else self._cycles.seconds_until_next(),
             probe_in_s=self.gate.probe_in(),
-            health_reasons=self.health().reasons,
+            health_reasons=verdict.reasons,
             concurrency=self.concurrency.limiter.as_dict(),
         )
 
@@ -700,8 +706,14 @@ class App:
         """STATUS= and the health gauge as they are now, from one health verdict."""
         verdict = self.health()
         self._shown = self.status_line(verdict)
-        self._notifier.status(self._shown)
-        self.metrics.show_health(verdict.state.value)
+        self._notifier.status(self._shown)  # sent only when the text changed
+        self._show_health(verdict.state.value)
+
+    def _show_health(self, state: str) -> None:
+        """The health gauge, set only when its state changes (the poll shows it each time)."""
+        if state != self._health_shown:
+            self._health_shown = state
+            self.metrics.show_health(state)
 
     def status_line(self, verdict: health.Health | None = None) -> str:
         """STATUS=, the instances row and /status: the health first, unless healthy."""
@@ -755,7 +767,7 @@ class App:
 
     def snapshot(self) -> dict[str, Any]:
         verdict = self.health()
-        self.metrics.show_health(verdict.state.value)
+        self._show_health(verdict.state.value)
         cycle = self._cycles.running
         last = self._cycles.last_report
         return {

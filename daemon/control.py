@@ -17,6 +17,7 @@ daemon that died (kill -9, a host gone): `status` calls it lost.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,6 +27,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Select,
+    String,
     Update,
     bindparam,
     case,
@@ -39,18 +41,22 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from daemon import __version__, dbclock
+from daemon import __version__, dbclock, thresholds
 from daemon.database import Database, aware, dialect_insert, short_error
 from daemon.errors import StoreError
 from daemon.models import control, instances, operations, runs, user_state
 from daemon.pollconn import PollConnection
 from daemon.progress import Progress
+from daemon.settings import Settings
 
 # How often a running instance refreshes its row and reads the switches.
 POLL_SECONDS = 2.0
 # An instance silent this long (three missed polls, and never under 30 s, so that a busy
 # database or a slow poll is not mistaken for death) is shown as lost unless it stopped.
 LOST_AFTER_SECONDS = max(30.0, 3 * POLL_SECONDS)
+# How often the poll also counts every instance by state (the background_sync_instances
+# gauge): at the first poll, then at most this often. "Lost" is judged at 30 s anyway.
+CENSUS_SECONDS = 30.0
 STOPPED = "stopped"
 
 
@@ -105,8 +111,12 @@ _READ_CONTROL = select(control).where(control.c.id == 1)
 
 
 def read_in(session: Session | Connection) -> Control:
-    row = session.execute(_READ_CONTROL).first()
-    if row is None:
+    return _control_of(session.execute(_READ_CONTROL).first())
+
+
+def _control_of(row: Any) -> Control:
+    """The switches from a row with the control columns (None: no control row yet)."""
+    if row is None or row.paused is None:
         return Control()
     return Control(
         paused=bool(row.paused),
@@ -152,31 +162,38 @@ def report_instance(
     state: str,
     circuit: str,
     status: str,
-    settings: str | None = None,
+    settings: thresholds.Record | None = None,
     health: str | None = None,
+    census: bool = True,
     connection: PollConnection | None = None,
 ) -> Reported:
-    """Refresh this instance's row, read the control row and count every instance by
-    state, in one short transaction.
+    """Refresh this instance's row, read the control row and, with `census`, count every
+    instance by state: on the kept connection one UPDATE that returns the switches (and
+    the census after it), otherwise one short transaction.
 
     The heartbeat is the database's time (`cleanup` compares it with that); `now` is
     not used. `settings` (JSON, see daemon.thresholds) and `health` are what `status`
-    judges by. With `connection` (the poll's kept one) the usual case, a row to refresh,
-    runs there as Core statements; a missing row or any error falls back to the
-    ordinary transaction below, with its retries.
+    judges by; the settings text is written when it changed (`settings.changed`), with
+    the statement's own time as its `live.as_of`. With `connection` (the poll's kept
+    one) the usual case, a row to refresh, runs there as Core statements; a missing row
+    or any error falls back to the ordinary transaction below, with its retries, which
+    writes every column.
     """
     written: dict[str, Any] = {"state": state, "circuit": circuit, "status": status[:255]}
-    if settings is not None:
-        written["settings"] = settings
     if health is not None:
         written["health"] = health[:16]
 
     def kept(conn: Connection) -> Reported | None:
-        statement = _refresh_statement(db.dialect, tuple(written))
-        updated = conn.execute(statement, {"row_instance": instance, **written}).rowcount
-        if not updated:
+        text = settings.parts() if settings is not None and settings.changed else None
+        statement = _refresh_statement(db.dialect, tuple(written), text is not None)
+        params = {"row_instance": instance, **written}
+        if text is not None:
+            params |= {"settings_head": text.head, "settings_tail": text.tail}
+        switches = conn.execute(statement, params).first()  # None: no row to refresh
+        if switches is None:
             return None
-        return Reported(read_in(conn), count_instances_in(conn, db.dialect))
+        found = count_instances_in(conn, db.dialect) if census else None
+        return Reported(_control_of(switches), found, settings_written=text is not None)
 
     if connection is not None:
         seen = connection.run(kept)
@@ -188,30 +205,64 @@ def report_instance(
             # (a locked SQLite file must not hold the exit up for a second busy timeout).
             raise StoreError(f"report_instance: {short_error(failed)}") from failed
 
-    values = {"heartbeat_at": dbclock.now(db.dialect), **written}
+    values: dict[str, Any] = {"heartbeat_at": dbclock.now(db.dialect), **written}
+    params: dict[str, Any] = {}
+    if settings is not None:
+        text = settings.parts()
+        values["settings"] = _settings_text(db.dialect)
+        params = {"settings_head": text.head, "settings_tail": text.tail}
 
     def unit(session: Session) -> Reported:
         updated = session.execute(
-            update(instances).where(instances.c.instance == instance).values(values)
+            update(instances).where(instances.c.instance == instance).values(values), params
         ).rowcount  # type: ignore[attr-defined]
         if not updated:
             session.execute(
                 insert(instances).values(
                     instance=instance, started_at=started_at, version=__version__, **values
-                )
+                ),
+                params,
             )
-        return Reported(read_in(session), count_instances_in(session, db.dialect))
+        found = count_instances_in(session, db.dialect) if census else None
+        return Reported(read_in(session), found, settings_written=settings is not None)
 
     return db.transaction(unit, name="report_instance")
 
 
+def _settings_text(dialect: str) -> ColumnElement[str]:
+    """The settings JSON with the statement's database time inserted as `live.as_of`."""
+    head = bindparam("settings_head", type_=String)
+    tail = bindparam("settings_tail", type_=String)
+    return head.concat(dbclock.now_text(dialect)).concat(tail)
+
+
 @functools.cache
-def _refresh_statement(dialect: str, keys: tuple[str, ...]) -> Update:
-    """The poll's UPDATE of an instance row, built once per set of columns it writes."""
+def _refresh_statement(dialect: str, keys: tuple[str, ...], settings: bool) -> Update:
+    """The poll's UPDATE of an instance row, built once per set of columns it writes.
+
+    It returns the control row's switches too (as scalar subqueries; NULL without a
+    control row), so that the poll's usual case is one statement, not two.
+    """
+    values: dict[str, Any] = {
+        "heartbeat_at": dbclock.now(dialect),
+        **{key: bindparam(key) for key in keys},
+    }
+    if settings:
+        values["settings"] = _settings_text(dialect)
+    switches = (
+        select(column).where(control.c.id == 1).scalar_subquery().label(column.name)
+        for column in (
+            control.c.paused,
+            control.c.paused_at,
+            control.c.force_requested_at,
+            control.c.updated_by,
+        )
+    )
     return (
         update(instances)
         .where(instances.c.instance == bindparam("row_instance"))
-        .values({"heartbeat_at": dbclock.now(dialect), **{key: bindparam(key) for key in keys}})
+        .values(values)
+        .returning(*switches)
     )
 
 
@@ -235,10 +286,12 @@ def mark_stopped(db: Database, *, instance: str) -> bool:
 
 @dataclass(frozen=True)
 class Reported:
-    """What the control poll reads back: the switches, and every instance by state."""
+    """What the control poll reads back: the switches, every instance by state (None when
+    not counted this time), and whether the settings text was written."""
 
     control: Control
-    instances: dict[str, int]
+    instances: dict[str, int] | None
+    settings_written: bool = False
 
 
 def count_instances(db: Database) -> dict[str, int]:
@@ -355,24 +408,41 @@ def _holds_live_lease(
 
 class Poll:
     """The control poll's own state: the switches as last read, when this instance
-    started (its row says so), and the bounded wait the watchdog checks.
+    started (its row says so), the bounded wait the watchdog checks, when the settings
+    text was last written and when the instances were last counted.
 
     The app runs `report` every CONTROL_POLL_SECONDS in a supervised side task: it
-    publishes the instance's row, reads the switches and counts every instance by state,
-    in one short transaction, on a connection kept for it (daemon.pollconn).
+    publishes the instance's row and reads the switches in one statement, on a
+    connection kept for it (daemon.pollconn); every CENSUS_SECONDS a second statement
+    counts every instance by state too, for the metrics.
     """
 
-    def __init__(self, log: Any, *, started_at: datetime) -> None:
+    def __init__(
+        self,
+        log: Any,
+        *,
+        started_at: datetime,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.switches = Switches(log)
         self.watch = Progress()  # a database wait the watchdog can see overrun
         self.started_at = started_at
-        self.instances: dict[str, int] = {}  # every instance's state, read with each report
+        self.instances: dict[str, int] = {}  # every instance's state, as last counted
+        self.recorder = thresholds.Recorder(monotonic=monotonic)
+        self._monotonic = monotonic
+        self._counted_at: float | None = None
         self._connection: PollConnection | None = None
 
     def close(self) -> None:
         """Give back the kept connection; call once the database thread has ended."""
         if self._connection is not None:
             self._connection.close()
+
+    def _census_due(self) -> bool:
+        if self._counted_at is None:
+            return True
+        since = self._monotonic() - self._counted_at
+        return not 0 <= since < CENSUS_SECONDS  # or the clock went back
 
     async def report(
         self,
@@ -385,26 +455,42 @@ class Poll:
         circuit: str,
         status: str,
         bound_s: float,
-        settings: str | None = None,
+        settings: Settings | None = None,
+        live: thresholds.Live | None = None,
         health: str | None = None,
     ) -> Control:
         """Publish this instance's row and read the control row (StoreError if it fails),
-        and every instance's state (kept in `instances`, for the metrics)."""
+        and, when due, every instance's state (kept in `instances`, for the metrics)."""
         if self._connection is None:
             self._connection = PollConnection(db.engine)
-        with self.watch.bounded(bound_s, "database control poll"):
-            reported: Reported = await run(
-                report_instance,
-                db,
-                instance=instance,
-                started_at=self.started_at,
-                now=now,
-                state=state,
-                circuit=circuit,
-                status=status,
-                settings=settings,
-                health=health,
-                connection=self._connection,
-            )
-        self.instances = reported.instances
+        record = (
+            None
+            if settings is None
+            else self.recorder.record(settings, live if live is not None else thresholds.Live())
+        )
+        census = self._census_due()
+        try:
+            with self.watch.bounded(bound_s, "database control poll"):
+                reported: Reported = await run(
+                    report_instance,
+                    db,
+                    instance=instance,
+                    started_at=self.started_at,
+                    now=now,
+                    state=state,
+                    circuit=circuit,
+                    status=status,
+                    settings=record,
+                    health=health,
+                    census=census,
+                    connection=self._connection,
+                )
+        except BaseException:
+            self.recorder.forget()  # whether the row holds the text is unknown
+            raise
+        if record is not None and reported.settings_written:
+            self.recorder.written(record)
+        if reported.instances is not None:
+            self.instances = reported.instances
+            self._counted_at = self._monotonic()
         return reported.control

@@ -20,7 +20,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, DateTime, Float, case, func, literal, literal_column, null
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Float,
+    String,
+    case,
+    func,
+    literal,
+    literal_column,
+    null,
+)
 from sqlalchemy.sql.expression import type_coerce
 
 _SQLITE_FORMAT = "%Y-%m-%d %H:%M:%f"
@@ -32,6 +42,15 @@ def now(dialect: str) -> ColumnElement[datetime]:
     if dialect == "postgresql":
         return func.statement_timestamp(type_=_TIME)
     return type_coerce(func.strftime(_SQLITE_FORMAT, "now").concat("000"), _TIME)
+
+
+def now_text(dialect: str) -> ColumnElement[str]:
+    """The database's current time as ISO 8601 text in UTC without an offset, the same
+    instant as `now()` in the same statement (SQLite: the very text `now()` stores)."""
+    if dialect == "postgresql":
+        utc = func.timezone("UTC", func.statement_timestamp())
+        return func.to_char(utc, "YYYY-MM-DD HH24:MI:SS.US", type_=String)
+    return func.strftime(_SQLITE_FORMAT, "now", type_=String).concat("000")
 
 
 def after(dialect: str, seconds: float | ColumnElement[float]) -> ColumnElement[datetime]:

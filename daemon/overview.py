@@ -160,6 +160,9 @@ def _instances(session: Session, db_now: datetime) -> list[dict[str, Any]]:
         seen = max(0.0, (db_now - heartbeat).total_seconds()) if heartbeat else None
         lost = r.state != control.STOPPED and (seen is None or seen > control.LOST_AFTER_SECONDS)
         recorded = thresholds.load(r.settings)
+        # The seconds in `live` count from the write that stored them, which is older
+        # than the heartbeat when the text has not changed since (daemon.thresholds).
+        since = thresholds.recorded_at(recorded) or heartbeat
         live = recorded.pop("live", None)
         live = live if isinstance(live, dict) else {}
         found.append(
@@ -183,8 +186,8 @@ def _instances(session: Session, db_now: datetime) -> list[dict[str, Any]]:
                 if isinstance(live.get("concurrency"), dict)
                 else None,
                 "run_id": live.get("run_id"),
-                "next_cycle_at": _after(heartbeat, live.get("next_cycle_in_s")),
-                "next_probe_at": _after(heartbeat, live.get("probe_in_s")),
+                "next_cycle_at": _after(since, live.get("next_cycle_in_s")),
+                "next_probe_at": _after(since, live.get("probe_in_s")),
             }
         )
     return found

@@ -40,12 +40,13 @@ class PollConnection:
         """`unit` in one transaction on the kept connection; None if it gave none or failed.
 
         A None from `unit` rolls the transaction back: the caller then does the work the
-        ordinary way (such as inserting a row that was missing).
+        ordinary way (such as inserting a row that was missing). On PostgreSQL each
+        statement commits on its own (see `_connect`): `unit` must not need them atomic.
         """
         self.last_error = None
         try:
             if self._connection is None:
-                self._connection = self._engine.connect()
+                self._connection = self._connect()
             with self._connection.begin() as transaction:
                 result = unit(self._connection)
                 if result is None:
@@ -55,6 +56,15 @@ class PollConnection:
             self.last_error = exc
             self.close(broken=True)
             return None
+
+    def _connect(self) -> Connection:
+        connection = self._engine.connect()
+        if self._engine.dialect.name == "postgresql":
+            # The usual poll is one statement (daemon.control): in autocommit it is one
+            # round trip, without BEGIN and COMMIT around it. SQLite keeps its
+            # transaction: BEGIN IMMEDIATE there is the write lock and the file check.
+            connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+        return connection
 
     def close(self, *, broken: bool = False) -> None:
         """Give the connection back (the engine's dispose then closes it); idempotent.

@@ -7,12 +7,15 @@ Each daemon is `python -m daemon run` on a SQLite file against the reference bac
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +232,53 @@ def test_failing_users_are_listed_in_numeric_order_and_json_carries_every_part(
     listed = [line.split(":")[0].strip() for line in text.splitlines() if " in a row" in line]
     assert listed == ["2", "9", "10"], text
     assert "T" not in text.split("recent runs:")[1].split("\n")[1][:12]  # "3 s ago", no ISO
+
+
+def test_an_idle_daemon_is_seen_seconds_ago_and_its_next_cycle_holds_between_rewrites(
+    harness: Harness,
+) -> None:
+    """Between cycles the poll refreshes the heartbeat every 2 s but rewrites the settings
+    text only when it changes: `status` still shows the instance seen a moment ago, the
+    next cycle at the same moment, and a reloaded interval at the next poll."""
+    db = harness.database(users=6)
+    backend = harness.start_backend()
+    env_file = harness.tmp / "sync.env"
+    env_file.write_text("SYNC_INTERVAL_SECONDS=3600\n")
+    env = harness.env(backend, SYNC_INTERVAL_SECONDS=None)
+    daemon = harness.start_daemon(env, "--env-file", str(env_file))
+    daemon.wait_for_event("cycle_finished")
+    shell = harness.env()
+
+    def row() -> tuple[str, str]:
+        with contextlib.closing(sqlite3.connect(db.path, timeout=10)) as conn:
+            heartbeat, text = conn.execute(
+                "SELECT heartbeat_at, settings FROM sync_instances"
+            ).fetchone()
+        return heartbeat, json.loads(text)["live"]["as_of"]
+
+    def next_cycle() -> tuple[float, float]:
+        """Seconds to the next cycle as `status` shows them, and the instance's age."""
+        _, data = status(harness, shell)
+        [inst] = data["instances"]
+        at = datetime.fromisoformat(inst["next_cycle_at"])
+        now = datetime.fromisoformat(data["database_now"])
+        return (at - now).total_seconds(), inst["seen_seconds_ago"]
+
+    wait_until(lambda: row()[0] != row()[1], what="a poll that keeps the settings text")
+    looks = []
+    for _ in range(3):
+        looks.append(next_cycle())
+        time.sleep(1.5)
+    for (until, _), (later, _) in itertools.pairwise(looks):
+        assert 3500 < later < until <= 3600, looks  # counting down, not frozen, not reset
+    assert all(seen <= 2.5 for _, seen in looks), looks  # seen at most a poll ago
+
+    env_file.write_text("SYNC_INTERVAL_SECONDS=600\n")
+    sent = time.monotonic()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_event("config_reloaded")
+    wait_until(lambda: next_cycle()[0] <= 600, what="status to show the reloaded interval")
+    assert time.monotonic() - sent < 2 * 2 + 2  # within a poll or two of the reload
+    assert 590 < next_cycle()[0] <= 600
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0

@@ -138,3 +138,50 @@ def test_instances_are_counted_by_state_with_silent_ones_lost_on_the_database_cl
         status="paused",
     )
     assert reported.instances == {"idle": 1, "syncing": 1, "paused": 1, "stopped": 1}
+
+
+async def test_the_control_poll_counts_instances_at_its_first_poll_then_every_census_period(
+    app_db: AppDatabase,
+) -> None:
+    """The census is for the metrics gauge: it need not be taken at every 2 s poll."""
+    clock = [100.0]
+    poll = control.Poll(_Log(), started_at=utcnow(), monotonic=lambda: clock[0])
+    counted: list[bool] = []
+    real = control.report_instance
+
+    def report_instance(*args: object, **kwargs: object) -> control.Reported:
+        counted.append(bool(kwargs["census"]))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def run(unit: object, *args: object, **kwargs: object) -> object:
+        return report_instance(*args, **kwargs)
+
+    async def one(state: str = "idle") -> None:
+        await poll.report(
+            run,
+            app_db.db,
+            instance="a",
+            now=utcnow(),
+            state=state,
+            circuit="closed",
+            status=state,
+            bound_s=10,
+            settings=app_db.settings,
+        )
+
+    await one()
+    assert poll.instances == {"idle": 1}
+    for _ in range(int(control.CENSUS_SECONDS / control.POLL_SECONDS) - 1):
+        clock[0] += control.POLL_SECONDS
+        await one("paused")
+    assert poll.instances == {"idle": 1}  # as last counted
+    clock[0] += control.POLL_SECONDS
+    await one("paused")
+    assert poll.instances == {"paused": 1}
+    assert counted == [True] + [False] * (len(counted) - 2) + [True]
+    poll.close()
+
+
+class _Log:
+    def warning(self, *args: object, **kwargs: object) -> None:
+        pass

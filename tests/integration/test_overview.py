@@ -7,14 +7,15 @@ On a SQLite file and on PostgreSQL; instances are written as the daemon writes t
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select, update
 
 from daemon import control, overview, screen, thresholds
 from daemon.database import utcnow
-from daemon.models import user_state
+from daemon.models import instances, user_state
+from daemon.pollconn import PollConnection
 from daemon.store import Cursor, RunCounts
 from tests.conftest import AppDatabase, SettingsFactory
 
@@ -39,7 +40,7 @@ def report(
         state=state,
         circuit="closed",
         status=state,
-        settings=thresholds.dump(settings, live or thresholds.Live()),
+        settings=thresholds.record(settings, live or thresholds.Live()),
         health=health,
     )
 
@@ -199,3 +200,53 @@ def test_the_screen_names_the_database_without_its_password(
     data = collect(app_db)
     assert data["database"]["users_table"] == "users"
     assert "users table users" in screen.render(data)
+
+
+def test_a_settings_text_kept_across_polls_counts_its_moments_from_when_it_was_written(
+    app_db: AppDatabase,
+) -> None:
+    """The poll rewrites the text only when it changes; the heartbeat moves on every poll.
+    `status` must then count the next cycle from the text's own `as_of`, not from the
+    heartbeat, and still show the instance as seen a moment ago."""
+    recorder = thresholds.Recorder()
+    kept = PollConnection(app_db.db.engine)  # as the daemon polls: the first one inserts
+
+    def poll(next_cycle_in_s: float) -> control.Reported:
+        record = recorder.record(app_db.settings, thresholds.Live(next_cycle_in_s=next_cycle_in_s))
+        reported = control.report_instance(
+            app_db.db,
+            instance="daemon",
+            started_at=utcnow(),
+            now=utcnow(),
+            state="idle",
+            circuit="closed",
+            status="idle",
+            settings=record,
+            health="healthy",
+            connection=kept,
+        )
+        if reported.settings_written:
+            recorder.written(record)
+        return reported
+
+    assert poll(600).settings_written
+    first = collect(app_db)
+    [row] = first["instances"]
+    assert row["next_cycle_at"] is not None
+    # As if the instance reported again 100 s later, its next cycle unchanged: 500 s away.
+    # The text is kept, the heartbeat is the database's time of this poll.
+    shift = timedelta(seconds=100)
+    with app_db.db.engine.begin() as conn:
+        text = conn.execute(select(instances.c.settings)).scalar_one()
+        written = thresholds.load(text)["live"]["as_of"]
+        earlier = (datetime.fromisoformat(written) - shift).isoformat(sep=" ")
+        conn.execute(update(instances).values(settings=text.replace(written, earlier)))
+    assert not poll(600 - 0.5).settings_written  # same moment within the tolerance
+
+    later = collect(app_db)
+    [row] = later["instances"]
+    assert row["seen_seconds_ago"] is not None and row["seen_seconds_ago"] < 2
+    at = datetime.fromisoformat(row["next_cycle_at"])
+    assert abs((at - datetime.fromisoformat(later["database_now"])).total_seconds() - 500) < 3
+    assert "next cycle in 8 min" in screen.render(later)
+    kept.close()
