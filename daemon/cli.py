@@ -78,6 +78,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         settings.log_level,
         settings.log_format,
         secrets=[settings.backend_token.reveal()] if settings.backend_token else [],
+        gather=daemon,  # the daemon's per-user lines; other commands print beside theirs
     )
     _warn_unknown(environ, daemon=daemon)
     handler = _COMMANDS[args.command]

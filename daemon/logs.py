@@ -8,6 +8,7 @@ The JSON lines carry every field; the console form is the short one people read
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -20,6 +21,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from daemon import logline
+from daemon.logsink import BatchedLines, BatchedLinesFactory
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING}
 _LEVELS["ERROR"] = logging.ERROR
@@ -117,14 +119,39 @@ class _LibraryBridge(logging.Handler):
             self.handleError(record)
 
 
+class _Output:
+    """The process's log output as last configured: what exit and SIGHUP must flush."""
+
+    sink: BatchedLines | None = None
+    gather = False
+
+
+def flush() -> None:
+    """Write the lines still gathered (see daemon.logsink); also run at exit."""
+    if _Output.sink is not None:
+        _Output.sink.flush()
+
+
+atexit.register(flush)
+
+
 def configure(
     level: str = "INFO",
     fmt: str = "auto",
     *,
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
+    gather: bool | None = None,
 ) -> None:
-    """Configure structlog for the whole process; safe to call again on SIGHUP."""
+    """Configure structlog for the whole process; safe to call again on SIGHUP.
+
+    `gather`: JSON lines written by the event loop at INFO and below go out together,
+    a few milliseconds late (daemon.logsink), as the daemon's `run` and `once` want;
+    None keeps what was configured before.
+    """
+    flush()
+    if gather is not None:
+        _Output.gather = gather
     out = stream or sys.stdout
     console = fmt == "console" or (fmt == "auto" and out.isatty())
     processors: list[Processor]
@@ -138,10 +165,15 @@ def configure(
         ]
     else:
         processors = [_JsonLine(secrets)]
+    factory: Any = structlog.WriteLoggerFactory(file=out)
+    _Output.sink = None
+    if _Output.gather and not console:
+        _Output.sink = BatchedLines(out)
+        factory = BatchedLinesFactory(_Output.sink)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     root = logging.getLogger()
