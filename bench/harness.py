@@ -31,6 +31,22 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def trees(specs: Sequence[str]) -> list[tuple[str, Path | None]]:
+    """This tree (None: the one on sys.path), then each `--daemon-from NAME=DIR`."""
+    found: list[tuple[str, Path | None]] = [("this tree", None)]
+    for spec in specs:
+        name, _, source = spec.partition("=")
+        found.append((name, Path(source)))
+    return found
+
+
+def publish(section: str, text: str, *, write_doc: bool) -> None:
+    """Print a figure's text; with `write_doc`, also put it in its section of the doc."""
+    say(text)
+    if write_doc:
+        report.write_section(section, text)
+
+
 def add_common(parser: argparse.ArgumentParser, *, due: int) -> None:
     parser.add_argument("--due", type=int, default=due, help="users never synced (due)")
     parser.add_argument(

@@ -74,10 +74,7 @@ def body(argv: Sequence[str] | None) -> int:
     parser.add_argument("--daemon-from", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--write-doc", action="store_true")
     args = parser.parse_args(argv)
-    trees: list[tuple[str, Path | None]] = [("this tree", None)]
-    for spec in args.daemon_from:
-        name, _, source = spec.partition("=")
-        trees.append((name, Path(source)))
+    trees = harness.trees(args.daemon_from)
     load_before = report.uptime()
     figures: dict[str, list[float]] = {name: [] for name, _ in trees}
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,9 +98,7 @@ def body(argv: Sequence[str] | None) -> int:
         f"\n\n{args.due:,} due users, SQLite, INFO lines to a file, {args.rounds} interleaved "
         f"rounds; median (range). Load before: `{load_before}`; after: `{report.uptime()}`."
     )
-    harness.say(text)
-    if args.write_doc:
-        report.write_section("own-work", text)
+    harness.publish("own-work", text, write_doc=args.write_doc)
     return 0
 
 

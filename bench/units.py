@@ -96,10 +96,7 @@ def body(argv: Sequence[str] | None) -> int:
     parser.add_argument("--daemon-from", action="append", default=[], metavar="NAME=DIR")
     parser.add_argument("--write-doc", action="store_true")
     args = parser.parse_args(argv)
-    trees: list[tuple[str, Path | None]] = [("this tree", None)]
-    for spec in args.daemon_from:
-        name, _, source = spec.partition("=")
-        trees.append((name, Path(source)))
+    trees = harness.trees(args.daemon_from)
     load_before = report.uptime()
     figures: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
     for r in range(1, args.rounds + 1):
@@ -118,9 +115,7 @@ def body(argv: Sequence[str] | None) -> int:
         f"\n\n{args.users:,} users, {args.rounds} interleaved rounds, median (range). "
         f"Load before: `{load_before}`; after: `{report.uptime()}`."
     )
-    harness.say(text)
-    if args.write_doc:
-        report.write_section("units", text)
+    harness.publish("units", text, write_doc=args.write_doc)
     return 0
 
 
