@@ -12,6 +12,7 @@ import atexit
 import json
 import logging
 import sys
+import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -120,16 +121,21 @@ class _LibraryBridge(logging.Handler):
 
 
 class _Output:
-    """The process's log output as last configured: what exit and SIGHUP must flush."""
+    """The process's log output as last configured, and every sink still in use.
+
+    A logger bound before a reconfiguration (SIGHUP) keeps the sink it was bound to, so
+    one stream keeps one sink, and exit flushes every sink that is still referenced.
+    """
 
     sink: BatchedLines | None = None
     gather = False
+    sinks: weakref.WeakSet[BatchedLines] = weakref.WeakSet()
 
 
 def flush() -> None:
     """Write the lines still gathered (see daemon.logsink); also run at exit."""
-    if _Output.sink is not None:
-        _Output.sink.flush()
+    for sink in list(_Output.sinks):
+        sink.flush()
 
 
 atexit.register(flush)
@@ -166,9 +172,10 @@ def configure(
     else:
         processors = [_JsonLine(secrets)]
     factory: Any = structlog.WriteLoggerFactory(file=out)
-    _Output.sink = None
     if _Output.gather and not console:
-        _Output.sink = BatchedLines(out)
+        if _Output.sink is None or _Output.sink.file is not out:
+            _Output.sink = BatchedLines(out)
+            _Output.sinks.add(_Output.sink)
         factory = BatchedLinesFactory(_Output.sink)
     structlog.configure(
         processors=processors,

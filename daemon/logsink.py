@@ -31,7 +31,7 @@ class BatchedLines:
     def __init__(
         self, file: TextIO, *, seconds: float = GATHER_SECONDS, chars: int = GATHER_CHARS
     ) -> None:
-        self._file = file
+        self.file = file
         self._seconds = seconds
         self._chars = chars
         self._lock = threading.Lock()
@@ -81,15 +81,15 @@ class BatchedLines:
         text = "\n".join(self._lines) + "\n"
         self._lines.clear()
         self._size = 0
-        self._file.write(text)
-        self._file.flush()
+        self.file.write(text)
+        self.file.flush()
 
     # structlog calls the method named like the level; the line is its only argument.
     debug = info = msg = log = gather
     warning = warn = error = err = critical = fatal = exception = failure = urgent
 
     def __repr__(self) -> str:
-        return f"<BatchedLines file={self._file!r}>"
+        return f"<BatchedLines file={self.file!r}>"
 
 
 class BatchedLinesFactory:

@@ -134,3 +134,23 @@ def test_other_commands_and_the_console_write_every_line_at_once() -> None:
 async def _log_to(out: io.StringIO) -> str:
     logs.get_logger().info("migrated")
     return out.getvalue()
+
+
+def test_a_logger_bound_before_a_reload_still_has_its_lines_flushed_at_exit() -> None:
+    """SIGHUP reconfigures; the cycle's logger, bound before, keeps writing to the same sink."""
+    out = io.StringIO()
+    logs.configure("INFO", "json", stream=out, gather=True)
+    try:
+        bound_before = logs.get_logger(run_id="r1")
+        logs.configure("WARNING", "json", stream=out)  # a reload, same stdout
+
+        async def main() -> None:
+            bound_before.info("user_synced", user_id=7)
+
+        asyncio.run(main())
+        logs.flush()  # what exit runs
+        assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == [
+            "user_synced"
+        ]
+    finally:
+        logs.configure("INFO", "json", stream=io.StringIO(), gather=False)
