@@ -170,6 +170,6 @@ def _faster(processor: Callable[[Any], Any] | None) -> Callable[[Any], Any] | No
         if value.tzinfo is UTC:  # the usual case: no new datetime, the offset cut off
             text = value.isoformat(" ")
             return text[:-6] if value.microsecond else text[:-6] + ".000000"
-        return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+        return _iso_text(value)
 
     return iso_or_original

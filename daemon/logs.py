@@ -22,7 +22,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from daemon import logline
-from daemon.logsink import BatchedLines, BatchedLinesFactory
+from daemon.logsink import BatchedLines
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING}
 _LEVELS["ERROR"] = logging.ERROR
@@ -176,7 +176,8 @@ def configure(
         if _Output.sink is None or _Output.sink.file is not out:
             _Output.sink = BatchedLines(out)
             _Output.sinks.add(_Output.sink)
-        factory = BatchedLinesFactory(_Output.sink)
+        sink = _Output.sink
+        factory = lambda *_names: sink  # noqa: E731  (every logger name gets the one sink)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, TextIO
+from typing import TextIO
 
 GATHER_SECONDS = 0.05
 GATHER_CHARS = 64 * 1024
@@ -37,8 +37,7 @@ class BatchedLines:
         self._lock = threading.Lock()
         self._lines: list[str] = []
         self._size = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # whose timer will write
 
     def gather(self, message: str) -> None:
         """An INFO or DEBUG line: kept for a moment when the event loop wrote it."""
@@ -52,9 +51,9 @@ class BatchedLines:
             self._size += len(message)
             if self._size >= self._chars:
                 self._write_locked()
-            elif self._timer is None or self._timer_loop is not loop:
-                # A timer of a loop that has ended never fires: this loop's takes over.
-                self._timer = loop.call_later(self._seconds, self._fired)
+            elif self._timer_loop is not loop:
+                # None, or a loop that has ended (its timer never fires): this loop's timer.
+                loop.call_later(self._seconds, self._fired)
                 self._timer_loop = loop
 
     def urgent(self, message: str) -> None:
@@ -72,7 +71,7 @@ class BatchedLines:
         # A timer is never cancelled (any thread may write at once; a timer's loop is
         # not ours to touch from another): one that finds nothing gathered does nothing.
         with self._lock:
-            self._timer = self._timer_loop = None
+            self._timer_loop = None
             self._write_locked()
 
     def _write_locked(self) -> None:
@@ -90,13 +89,3 @@ class BatchedLines:
 
     def __repr__(self) -> str:
         return f"<BatchedLines file={self.file!r}>"
-
-
-class BatchedLinesFactory:
-    """One BatchedLines per file, whatever logger name asks for it."""
-
-    def __init__(self, sink: BatchedLines) -> None:
-        self.sink = sink
-
-    def __call__(self, *args: Any) -> BatchedLines:
-        return self.sink
