@@ -49,6 +49,9 @@ class CallOutcome:
     counts: Mapping[str, Any] | None = None
     auth_problem: bool = False
     circuit_open: bool = False
+    # The least this user's backoff may be: set when its call was the circuit's probe and
+    # failed, so that the next probe is another user's call (see `BackendClient.sync_user`).
+    hold_seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -137,6 +140,10 @@ class Gate:
         """The call admitted with `ticket` ended without an answer (cancelled)."""
         return None
 
+    def probe_in(self) -> float | None:
+        """Seconds until the next probe while calls are refused; None while they go out."""
+        return None
+
 
 class BackendClient:
     """Calls SYNC_BACKEND_URL for one user, retrying what the contract says to retry."""
@@ -206,6 +213,7 @@ class BackendClient:
         body = _ENCODE({**self._payload, "user_id": claim.user_id, "email": claim.email}).encode()
         headers = self._headers | {"Idempotency-Key": f"{run_id}-{claim.key}"}
         attempts = 0
+        hold = 0.0
         result = _Attempt(Outcome.FAILED, None)
         try:
             while True:
@@ -216,7 +224,12 @@ class BackendClient:
                     if attempts == 0:
                         return CallOutcome(Outcome.RELEASED, None, 0, str(exc), circuit_open=True)
                     return CallOutcome(
-                        Outcome.FAILED, result.status, attempts, result.error, circuit_open=True
+                        Outcome.FAILED,
+                        result.status,
+                        attempts,
+                        result.error,
+                        circuit_open=True,
+                        hold_seconds=hold,
                     )
                 attempts += 1
                 answered = False
@@ -235,12 +248,18 @@ class BackendClient:
                 )
                 healthy = result.status is not None and result.status < 500
                 self._gate.record(ticket, healthy, result.retry_after)
+                if ticket.probe and not healthy:
+                    # The users first in line are often the ones the backend fails on
+                    # their own (never synced, so first by id). Held past the next probe,
+                    # this one lets another user's call be that probe, instead of
+                    # re-opening the circuit for one account while the backend is well.
+                    hold = 2 * (self._gate.probe_in() or 0.0)
                 if result.progress_url is not None:
                     bound = self._settings.poll_max_seconds + self._settings.request_timeout_seconds
                     with watch.bounded(bound, "backend progress polling"):
                         result = await self._poll(result.progress_url, headers, result.body)
                 if not result.retryable or attempts > self._settings.max_retries:
-                    return self._finish(result, attempts)
+                    return self._finish(result, attempts, hold)
                 delay = backoff.full_jitter(
                     self._settings.retry_delay_seconds, attempts, RETRY_DELAY_CAP_SECONDS, self._rng
                 )
@@ -267,9 +286,9 @@ class BackendClient:
                 error=error,
                 exc_info=True,
             )
-            return CallOutcome(Outcome.FAILED, result.status, attempts, error)
+            return CallOutcome(Outcome.FAILED, result.status, attempts, error, hold_seconds=hold)
 
-    def _finish(self, result: _Attempt, attempts: int) -> CallOutcome:
+    def _finish(self, result: _Attempt, attempts: int, hold: float) -> CallOutcome:
         counts = _counts(result.body) if result.outcome is Outcome.SUCCESS else None
         return CallOutcome(
             outcome=result.outcome,
@@ -278,6 +297,7 @@ class BackendClient:
             error=result.error,
             counts=counts,
             auth_problem=result.status in (401, 403),
+            hold_seconds=hold if result.outcome is Outcome.FAILED else 0.0,
         )
 
     async def _post(self, body: bytes, headers: Mapping[str, str]) -> _Attempt:

@@ -365,6 +365,7 @@ class Cycle:
             error=outcome.error,
             duration_ms=duration_ms,
             run_id=self.run_id,
+            backoff_at_least=outcome.hold_seconds,
         )
         self._count(result)
         self._log_result(result, outcome.counts, outcome.auth_problem)
@@ -442,6 +443,15 @@ class Cycle:
             if not self._auth_logged:
                 self._auth_logged = True
                 self._log.error("backend_auth_rejected", **fields, error=result.error)
+        elif result.backoff_at_least:
+            self._log.warning(
+                "user_sync_failed",
+                **fields,
+                error=result.error,
+                circuit_probe=True,
+                held_s=round(result.backoff_at_least),
+                detail="this call was the circuit's probe; the user waits past the next one",
+            )
         else:
             self._log.warning("user_sync_failed", **fields, error=result.error)
 

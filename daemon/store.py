@@ -597,7 +597,7 @@ class Store:
                         "b_token": r.claim.token,
                         "last_success_at": None,
                         "consecutive_failures": failures,
-                        "b_backoff": backoff(failures),
+                        "b_backoff": max(backoff(failures), r.backoff_at_least),
                         "last_status": r.http_status,
                         "last_error": _clip(r.error),
                     }

@@ -43,7 +43,9 @@ class Result:
     """What happened to one claim; `finished_at` is when the backend answered.
 
     `run_id` is the run that made the call. A result the database did not take in time
-    is recorded by a later run, and must still be filed under its own.
+    is recorded by a later run, and must still be filed under its own. A failure waits
+    at least `backoff_at_least` seconds before the user is due again, whatever its
+    backoff would be (a failed circuit probe: see `CallOutcome.hold_seconds`).
     """
 
     claim: Claim
@@ -54,6 +56,7 @@ class Result:
     error: str | None = None
     duration_ms: int = 0
     run_id: str = field(kw_only=True)
+    backoff_at_least: float = field(default=0.0, kw_only=True)
 
 
 @dataclass(slots=True)

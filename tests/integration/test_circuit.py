@@ -88,3 +88,45 @@ async def test_a_late_success_keeps_the_circuit_open_and_the_probe_cycle_sends_o
     assert gate.state is State.CLOSED
     # 20 users: 1 synced first; 2-4 and the failed probe's user are backing off.
     assert recovered.succeeded == 15 and len(synced(app_db)) == 16
+
+
+async def test_a_user_the_backend_always_fails_is_not_the_probe_twice_in_a_row(
+    app_db: AppDatabase, make_settings: SettingsFactory, backend: ReferenceBackend
+) -> None:
+    """The backend recovers for everyone but user 1, who is first in line (never synced,
+    lowest id) and whose own failures back off in well under a reset period.
+
+    The first probe goes to user 1 and fails, re-opening the circuit. User 1 is then
+    held past the next probe, so that probe is another user's call: it succeeds, the
+    circuit closes, and the rest sync. Without the hold user 1 would be the probe again
+    (its backoff of a fraction of a second has passed) and keep the circuit open.
+    """
+    app_db.seed(5)
+    clock = [0.0]
+    gate = BackendGate(
+        threshold=2, reset_seconds=RESET_SECONDS, max_per_second=None, clock=lambda: clock[0]
+    )
+    # Retries off; a failing user backs off for 0.06-0.12 s of real time.
+    env = {"SYNC_MAX_RETRIES": "0", "SYNC_RETRY_DELAY_SECONDS": "0.01", "SYNC_CONCURRENCY": "1"}
+    await backend.faults(error_rate=1.0)
+    opened = await run_cycle(app_db, make_settings, backend.url, gate=gate, **env)
+    assert opened.circuit_open and gate.state is State.OPEN
+
+    await backend.faults(fail_users=["1"])
+    await asyncio.sleep(0.3)  # every user's own backoff has passed
+    clock[0] += RESET_SECONDS + 1
+    with capture_logs() as logs:
+        first_probe = await run_cycle(app_db, make_settings, backend.url, gate=gate, **env)
+    assert first_probe.failed == 1 and first_probe.succeeded == 0
+    assert gate.state is State.OPEN
+    called = [e for e in logs if e["event"] == "user_sync_failed" and e["attempt"]]
+    assert [(e["user_id"], e.get("circuit_probe")) for e in called] == [(1, True)]
+    assert called[0]["held_s"] == round(2 * RESET_SECONDS)
+
+    await asyncio.sleep(0.3)  # longer than user 1's backoff would have been
+    clock[0] += RESET_SECONDS + 1
+    calls_before = (await backend.stats())["per_user_calls"]["1"]
+    recovered = await run_cycle(app_db, make_settings, backend.url, gate=gate, **env)
+    assert gate.state is State.CLOSED
+    assert (await backend.stats())["per_user_calls"]["1"] == calls_before  # not probed again
+    assert recovered.succeeded == 4 and synced(app_db) == {2, 3, 4, 5}
