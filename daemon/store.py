@@ -25,15 +25,9 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Float,
-    Integer,
     Select,
-    String,
     and_,
-    bindparam,
-    cast,
     delete,
-    exists,
     func,
     insert,
     literal,
@@ -44,33 +38,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from daemon import dbclock, freshness, schema
-from daemon.bulk import BulkStatement
-from daemon.database import Database, dialect_insert
+from daemon import dbclock, freshness, schema, statements
+from daemon.database import Database
 from daemon.models import operations, runs, user_state
 from daemon.schema import UsersTable, wire_id
+from daemon.statements import UserColumns
 from daemon.values import Claim, Finished, Outcome, Result
 
 ERROR_TEXT_LIMIT = 500
 _NO_LEASE: tuple[str | None, int] = (None, 0)
-# The columns each claim's upsert and each operation row give; the rest keep defaults.
-_LEASE_COLUMNS = (
-    *("user_key", "lease_owner", "lease_token", "last_run_id", "consecutive_failures"),
-    *("lease_expires_at", "last_attempt_at"),
-)
-_OPERATION_COLUMNS = (
-    *("id", "run_id", "user_key", "instance", "started_at", "heartbeat_at", "finished_at"),
-    *("outcome", "http_status", "attempts", "error", "duration_ms"),
-)
-_OUTCOME_FIELDS = (
-    "finished_at",
-    "heartbeat_at",
-    "outcome",
-    "http_status",
-    "attempts",
-    "error",
-    "duration_ms",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,16 +100,9 @@ class Store:
         self.db = db
         self.instance = instance
         self.users = users
-        self._users = users.table
-        self._id = users.table.c[users.id_column]
-        self._email = users.table.c[users.email_column]
-        self._last_sync = users.table.c[users.last_sync_column]
-        self._key = cast(self._id, String)
-        self._id_kind = users.id_kind
-        self._naive_last_sync = not getattr(self._last_sync.type, "timezone", False)
+        self._cols = UserColumns.of(users)
+        self._sql = statements.build(db, users, self._cols, lease_seconds)
         self._postgres = db.dialect == "postgresql"
-        self._insert = dialect_insert(db.dialect)
-        dialect = db.engine.dialect
         self._db_now = dbclock.now(db.dialect)
         self._lease_end = dbclock.after(db.dialect, lease_seconds)
         # Counted for the cycle's log line (how much instances got in each other's way):
@@ -141,104 +110,12 @@ class Store:
         # instance was claiming them (locked), leased them first, or synced them meanwhile.
         self.claim_transactions = 0
         self.claims_contended = 0
-        # Executed with many rows at once: the times are SQL, the same for every row;
-        # the other columns come from the parameter list. A live lease is left alone.
-        take = self._insert(user_state).values(
-            lease_expires_at=self._lease_end, last_attempt_at=self._db_now
-        )
-        self._take_lease = take.on_conflict_do_update(
-            index_elements=[user_state.c.user_key],
-            set_={
-                "lease_owner": take.excluded.lease_owner,
-                "lease_token": take.excluded.lease_token,
-                "lease_expires_at": take.excluded.lease_expires_at,
-                "last_attempt_at": take.excluded.last_attempt_at,
-                "last_run_id": take.excluded.last_run_id,
-            },
-            where=or_(
-                user_state.c.lease_expires_at.is_(None),
-                user_state.c.lease_expires_at < self._db_now,
-            ),
-        )
-        self._take_lease_bulk = BulkStatement(self._take_lease, dialect, column_keys=_LEASE_COLUMNS)
-        s = user_state.c
-        self._leases_of = select(s.user_key, s.lease_token).where(
-            s.user_key.in_(bindparam("b_keys", expanding=True))
-        )
-        # PostgreSQL: hold the rows, so no takeover lands between this read and the
-        # fenced writes of `finish` (SQLite's BEGIN IMMEDIATE already does).
-        self._held_of = (
-            select(s.user_key, s.lease_token, s.consecutive_failures)
-            .where(s.user_key.in_(bindparam("b_keys", expanding=True)))
-            .with_for_update()
-        )
-        self._still_due = select(self._key).where(
-            self._id.in_(bindparam("b_ids", expanding=True)),
-            or_(
-                self._last_sync.is_(None),
-                self._last_sync < bindparam("b_stale", type_=self._last_sync.type),
-            ),
-        )
-        self._mark_synced = BulkStatement(
-            update(users.table)
-            .where(self._id == bindparam("b_id"))
-            .where(
-                exists().where(
-                    user_state.c.user_key == bindparam("b_key"),
-                    user_state.c.lease_token == bindparam("b_token"),
-                )
-            )
-            .values({users.last_sync_column: bindparam("b_synced_at", type_=self._last_sync.type)}),
-            dialect,
-        )
-        fence = (s.user_key == bindparam("b_key"), s.lease_token == bindparam("b_token"))
-        unlease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
-        self._decide = BulkStatement(
-            update(user_state)
-            .where(*fence)
-            .values(
-                **unlease,
-                last_success_at=func.coalesce(
-                    bindparam("last_success_at", type_=s.last_success_at.type),
-                    s.last_success_at,
-                ),
-                consecutive_failures=bindparam("consecutive_failures", type_=Integer),
-                # NULL (a success) clears the backoff; a failure's runs from db time.
-                next_attempt_at=dbclock.after(db.dialect, bindparam("b_backoff", type_=Float)),
-                last_status=bindparam("last_status", type_=s.last_status.type),
-                last_error=bindparam("last_error", type_=s.last_error.type),
-            ),
-            dialect,
-        )
-        self._leave_undecided = BulkStatement(
-            update(user_state)
-            .where(*fence)
-            .values(
-                **unlease,
-                last_status=func.coalesce(
-                    bindparam("last_status", type_=s.last_status.type), s.last_status
-                ),
-            ),
-            dialect,
-        )
-        o = operations.c
-        # heartbeat_at is finished_at: one parameter, converted once per row.
-        record = self._insert(operations).values(
-            {name: bindparam(name, type_=o[name].type) for name in _OPERATION_COLUMNS}
-            | {"heartbeat_at": bindparam("finished_at", type_=o.finished_at.type)}
-        )
-        # `cleanup` may have recorded this claim as abandoned already: the real outcome wins.
-        record = record.on_conflict_do_update(
-            index_elements=[operations.c.id],
-            set_={name: record.excluded[name] for name in _OUTCOME_FIELDS},
-        )
-        self._record = BulkStatement(record, dialect)
 
     # -- reading ---------------------------------------------------------------------
 
     def _app_time(self, value: datetime) -> datetime:
         """A UTC instant in the form the application's last_sync column stores."""
-        return value.replace(tzinfo=None) if self._naive_last_sync else value
+        return value.replace(tzinfo=None) if self._cols.naive_last_sync else value
 
     def _eligible(self, run_id: str | None) -> ColumnElement[bool]:
         """Not leased, not backing off, and not already claimed by this same run.
@@ -265,8 +142,8 @@ class Store:
         orphans: bool = False,
     ) -> list[Any]:
         base = (
-            select(self._id, self._email, self._key)
-            .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
+            select(self._cols.id, self._cols.email, self._cols.key)
+            .select_from(self._cols.with_state)
             .where(self._eligible(run_id))
         )
         if orphans:
@@ -290,19 +167,19 @@ class Store:
     def _page_query(self, base: Select[Any], cursor: Cursor, stale_before: datetime) -> Select[Any]:
         """The next page of one phase, in keyset order (never synced by id, stale by age)."""
         if cursor.phase == "never":
-            query = base.add_columns(self._last_sync).where(self._last_sync.is_(None))
+            query = base.add_columns(self._cols.last_sync).where(self._cols.last_sync.is_(None))
             if cursor.last_id is not None:
-                query = query.where(self._id > cursor.last_id)
-            return query.order_by(self._id)
-        query = base.add_columns(self._last_sync).where(
-            self._last_sync < self._app_time(stale_before)
+                query = query.where(self._cols.id > cursor.last_id)
+            return query.order_by(self._cols.id)
+        query = base.add_columns(self._cols.last_sync).where(
+            self._cols.last_sync < self._app_time(stale_before)
         )
         if cursor.last_id is not None:
             query = query.where(
-                tuple_(self._last_sync, self._id)
-                > tuple_(literal(cursor.last_sync, self._last_sync.type), cursor.last_id)
+                tuple_(self._cols.last_sync, self._cols.id)
+                > tuple_(literal(cursor.last_sync, self._cols.last_sync.type), cursor.last_id)
             )
-        return query.order_by(self._last_sync, self._id)
+        return query.order_by(self._cols.last_sync, self._cols.id)
 
     def index_advice(self, *, stale_before: datetime, limit: int) -> str | None:
         """The CREATE INDEX statement the due scan needs, or None (see schema.index_advice)."""
@@ -312,8 +189,8 @@ class Store:
     def _due_scan_query(self, *, stale_before: datetime, limit: int) -> Select[Any]:
         """One page of the stale phase as a cycle reads it: what the index advice checks."""
         base = (
-            select(self._id, self._email, self._key)
-            .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
+            select(self._cols.id, self._cols.email, self._cols.key)
+            .select_from(self._cols.with_state)
             .where(self._eligible(None))
         )
         cursor = Cursor(phase="stale")
@@ -337,11 +214,11 @@ class Store:
         """How many users are due; `now` is not used (eligibility is the database's clock)."""
         query = (
             select(func.count())
-            .select_from(self._users.outerjoin(user_state, user_state.c.user_key == self._key))
+            .select_from(self._cols.with_state)
             .where(
                 or_(
-                    self._last_sync.is_(None),
-                    self._last_sync < self._app_time(stale_before),
+                    self._cols.last_sync.is_(None),
+                    self._cols.last_sync < self._app_time(stale_before),
                 ),
                 self._eligible(None),
             )
@@ -362,7 +239,7 @@ class Store:
         def unit(session: Session) -> freshness.Freshness:
             return freshness.measure(
                 session,
-                self._last_sync,
+                self._cols.last_sync,
                 # PostgreSQL's index-only scans fetch heap pages the visibility map does not
                 # cover, and last_sync rows change hourly: one sequential pass is cheaper.
                 range_counts=self.users.last_sync_indexed and not self._postgres,
@@ -434,7 +311,7 @@ class Store:
             if not rows:
                 return []
         tokens = {row[2]: uuid.uuid4().hex for row in rows}
-        self._take_lease_bulk.execute(
+        self._sql.take_lease.execute(
             session,
             [
                 {
@@ -450,7 +327,7 @@ class Store:
         # A conditional upsert cannot say per row whether it won; the tokens can.
         won = {
             key
-            for key, token in session.execute(self._leases_of, {"b_keys": list(tokens)})
+            for key, token in session.execute(self._sql.leases_of, {"b_keys": list(tokens)})
             if token == tokens[key]
         }
         won -= self._synced_meanwhile(session, rows, won, tokens, stale_before)
@@ -477,7 +354,7 @@ class Store:
             return set()
         due = set(
             session.scalars(
-                self._still_due,
+                self._sql.still_due,
                 {"b_ids": list(ids.values()), "b_stale": self._app_time(stale_before)},
             )
         )
@@ -493,7 +370,9 @@ class Store:
 
     def _claim_of(self, row: Any, token: str, claimed_at: datetime | None = None) -> Claim:
         row_id, email, key = row[0], row[1], row[2]
-        return Claim(wire_id(self._id_kind, row_id, key), key, email, token, claimed_at, row_id)
+        return Claim(
+            wire_id(self._cols.id_kind, row_id, key), key, email, token, claimed_at, row_id
+        )
 
     def _skip_locked(self, session: Session, rows: Sequence[Any]) -> list[Any]:
         """Drop users whose state row another instance is claiming right now."""
@@ -530,7 +409,7 @@ class Store:
             current = {
                 key: (token, failures)
                 for key, token, failures in session.execute(
-                    self._held_of, {"b_keys": [r.claim.key for r in results]}
+                    self._sql.held_of, {"b_keys": [r.claim.key for r in results]}
                 )
             }
             held: list[Result] = []
@@ -541,7 +420,7 @@ class Store:
                 )
             successes = [r for r in held if r.outcome is Outcome.SUCCESS]
             if successes:
-                self._mark_synced.execute(
+                self._sql.mark_synced.execute(
                     session,
                     [
                         {
@@ -607,15 +486,15 @@ class Store:
                 undecided.append(
                     {"b_key": r.claim.key, "b_token": r.claim.token, "last_status": r.http_status}
                 )
-        self._decide.execute(session, decided)
-        self._leave_undecided.execute(session, undecided)
+        self._sql.decide.execute(session, decided)
+        self._sql.leave_undecided.execute(session, undecided)
 
     def _close_operations(
         self, session: Session, results: Sequence[Result], lost: Sequence[Result]
     ) -> None:
         """One row per finished attempt; in-flight work is the lease row itself."""
         lost_tokens = {r.claim.token for r in lost}
-        self._record.execute(
+        self._sql.record.execute(
             session,
             [
                 {
