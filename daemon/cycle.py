@@ -24,6 +24,7 @@ from daemon import backlog
 from daemon.backend import BackendClient
 from daemon.backlog import DONE, Backlog
 from daemon.concurrency import Concurrency, dropped
+from daemon.ending import Ending, Tally, decide
 from daemon.errors import SchemaError, StoreError
 from daemon.logs import get_logger
 from daemon.progress import Progress
@@ -93,16 +94,11 @@ class Cycle:
         self._call_seconds: float | None = None  # a moving average: how far ahead to lease
         self._start_delay = start_delay
         self._paused = paused
-        self._paused_seen = False
         # The instance's limit (it outlives the cycle); a fixed one when none is given.
         self._slots = concurrency or Concurrency(
             dataclasses.replace(settings, adaptive_concurrency=False)
         )
-        self._claims_before = (0, 0)
-        self._released_for_pause = 0
-        self._halt: str | None = None
-        self._circuit_open = False
-        self._auth_logged = False
+        self._ending = Ending()
         self._log = get_logger(run_id=self.run_id)
         self._results = Recorder(
             settings,
@@ -117,9 +113,7 @@ class Cycle:
         self._busy = 0
         self._claiming_done = False
         self._idle = asyncio.Event()
-        self._takeover_seconds = max(0.5, settings.lease_seconds / 4)
         self._recorder: asyncio.Task[None] | None = None
-        self.schema_error: str | None = None
 
     @property
     def degraded(self) -> bool:
@@ -136,7 +130,7 @@ class Cycle:
                 await asyncio.wait_for(self._stop.wait(), self._start_delay)
         started = self._clock.now()
         start_mono = self._clock.monotonic()
-        self._claims_before = (self._store.claim_transactions, self._store.claims_contended)
+        claims_before = (self._store.claim_transactions, self._store.claims_contended)
         stale_before = started - timedelta(seconds=self.settings.stale_after_seconds)
         error: str | None = None
         bug: Exception | None = None
@@ -154,7 +148,7 @@ class Cycle:
             await self._work(stale_before)
         except SchemaError as exc:
             # Not an outage: retrying cannot help, the configuration or schema must change.
-            error = self.schema_error = str(exc)
+            error = self._ending.schema_error = str(exc)
             self._log.error("cycle_schema_error", error=error)
         except StoreError as exc:
             error = str(exc)
@@ -167,7 +161,7 @@ class Cycle:
             error = f"{type(exc).__name__}: {exc}"
         finally:
             await asyncio.shield(self._wind_down())
-        report = await self._report(start_mono, error)
+        report = await self._report(start_mono, error, claims_before)
         if bug is not None:
             raise bug
         return report
@@ -222,7 +216,7 @@ class Cycle:
         """Lease pages until none is left; then tell every caller there is no more."""
         cursor = Cursor()
         try:
-            while not self._stop.is_set() and self._halt is None:
+            while not self._stop.is_set() and self._ending.halt is None:
                 if self._paused() and not cursor.done:
                     self._note_pause()
                     break
@@ -272,8 +266,8 @@ class Cycle:
         """Take over users whose lease expired under another instance (one that crashed),
         during this cycle rather than the next: every quarter lease, while the cycle runs."""
         while True:
-            await asyncio.sleep(self._takeover_seconds)
-            if self._halt is not None or self._paused():
+            await asyncio.sleep(max(0.5, self.settings.lease_seconds / 4))
+            if self._ending.halt is not None or self._paused():
                 continue
             try:
                 taken = await self._claim(Cursor(), stale_before, orphans=True)
@@ -302,7 +296,7 @@ class Cycle:
                 return
             # When halted, keep draining the queue so that the claimer never blocks; the
             # lease of a claim skipped here is given back by release_all at the end.
-            if self._halt is not None:
+            if self._ending.halt is not None:
                 pass
             elif self._paused():
                 self._release_for_pause(claim)
@@ -350,7 +344,7 @@ class Cycle:
         self._follow_call_time(duration_ms / 1000)
         kind = outcome.outcome
         if outcome.circuit_open:
-            self._circuit_open = True
+            self._ending.circuit_open = True
             self._halt_cycle("circuit open: the backend is failing")
         if outcome.auth_problem:
             # Credentials are not this user's fault: record no failure against them.
@@ -388,8 +382,8 @@ class Cycle:
         return self._busy
 
     def _note_pause(self) -> None:
-        if not self._paused_seen:
-            self._paused_seen = True
+        if not self._ending.paused:
+            self._ending.paused = True
             self._log.warning(
                 "cycle_paused",
                 detail="paused by an operator: calls in flight finish, the rest is released",
@@ -401,7 +395,7 @@ class Cycle:
         nothing is held against the user (RELEASED decides nothing), so it is due again
         as soon as syncing resumes."""
         self._note_pause()
-        self._released_for_pause += 1
+        self._ending.released_for_pause += 1
         result = Result(
             claim,
             Outcome.RELEASED,
@@ -414,8 +408,7 @@ class Cycle:
 
     def _halt_cycle(self, reason: str) -> None:
         """Stop calling for the rest of this cycle; in-flight calls still finish."""
-        if self._halt is None:
-            self._halt = reason
+        if self._ending.halt_for(reason):
             self._log.error("cycle_halted", reason=reason)
 
     def _count(self, result: Result) -> None:
@@ -440,8 +433,8 @@ class Cycle:
         elif result.outcome is Outcome.CONFLICT:
             self._log.info("user_sync_conflict", **fields)
         elif auth_problem:
-            if not self._auth_logged:
-                self._auth_logged = True
+            if not self._ending.auth_rejected:
+                self._ending.auth_rejected = True
                 self._log.error("backend_auth_rejected", **fields, error=result.error)
         elif result.backoff_at_least:
             self._log.warning(
@@ -487,7 +480,7 @@ class Cycle:
             await asyncio.wait([self._recorder])
         deadline = self._clock.monotonic() + max(self.settings.shutdown_grace_seconds, 5.0)
         refused = await self._results.drain(lambda: self._clock.monotonic() >= deadline)
-        self.schema_error = self.schema_error or refused
+        self._ending.schema_error = self._ending.schema_error or refused
         pending = self._results.pending
         if pending:
             self._log.error("results_not_recorded", count=len(pending))
@@ -499,26 +492,18 @@ class Cycle:
         except StoreError as exc:
             self._log.error("leases_not_released", error=str(exc))
 
-    async def _report(self, start_mono: float, error: str | None) -> Report:
-        p = self.progress
-        error = error or self._halt
-        if error is not None and self._halt is None:
-            outcome = "crashed"
-        elif self._halt is not None:
-            outcome = "failed"
-        elif self._stop.is_set() and p.done < p.claimed:
-            outcome = "interrupted"
-        elif self._paused_seen:
-            # An operator's pause ended it early; never "failed" (nothing went wrong) and
-            # never "succeeded" (due users were left for after `resume`).
-            outcome = "paused"
-            error = f"paused by an operator; {self._released_for_pause} claimed user(s) released"
-        elif p.done < p.claimed:
-            outcome = "failed"  # never "succeeded" with claimed users left unattempted
-        elif p.failed or self._results.pending:
-            outcome = "failed"
-        else:
-            outcome = "succeeded"
+    async def _report(
+        self, start_mono: float, error: str | None, claims_before: tuple[int, int]
+    ) -> Report:
+        p, ending = self.progress, self._ending
+        tally = Tally(
+            claimed=p.claimed,
+            done=p.done,
+            failed=p.failed,
+            unrecorded=len(self._results.pending),
+            stopped=self._stop.is_set(),
+        )
+        outcome, error = decide(ending, tally, error)
         report = Report(
             run_id=self.run_id,
             outcome=outcome,
@@ -528,9 +513,9 @@ class Cycle:
             skipped=p.skipped,
             duration_s=round(self._clock.monotonic() - start_mono, 3),
             error=error,
-            circuit_open=self._circuit_open,
-            schema_error=self.schema_error,
-            auth_rejected=self._auth_logged,
+            circuit_open=ending.circuit_open,
+            schema_error=ending.schema_error,
+            auth_rejected=ending.auth_rejected,
             unrecorded=tuple(self._results.pending),
         )
         try:
@@ -557,8 +542,8 @@ class Cycle:
             failed=p.failed,
             skipped=p.skipped,
             duration_ms=round(report.duration_s * 1000),
-            claim_transactions=self._store.claim_transactions - self._claims_before[0],
-            claims_contended=self._store.claims_contended - self._claims_before[1],
+            claim_transactions=self._store.claim_transactions - claims_before[0],
+            claims_contended=self._store.claims_contended - claims_before[1],
         )
         return report
 
