@@ -432,6 +432,10 @@ class Cycle:
             self._log.info("user_synced", **fields, **({"result": counts} if counts else {}))
         elif result.outcome is Outcome.CONFLICT:
             self._log.info("user_sync_conflict", **fields)
+        elif result.outcome is Outcome.RELEASED and not auth_problem:
+            # Never called (the circuit opened while it waited at the gate): nothing is
+            # held against the user, and the counts call it skipped, so the log does too.
+            self._log.info("user_sync_skipped", **fields, reason=result.error)
         elif auth_problem:
             if not self._ending.auth_rejected:
                 self._ending.auth_rejected = True

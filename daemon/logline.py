@@ -20,11 +20,14 @@ ERROR_CHARS = 160
 # Lines about one user's call; their summary is user, outcome, status, duration.
 USER_EVENTS = frozenset(
     {"user_synced", "user_sync_conflict", "user_sync_failed", "backend_auth_rejected"}
-    | {"backend_retry", "backend_unexpected_error", "user_sync_lease_lost"}
+    | {"backend_retry", "backend_unexpected_error", "user_sync_lease_lost", "user_sync_skipped"}
 )
 # What a per-user line keeps, in this order; the rest (e.g. the backend's counts) is
 # in the JSON line.
-_USER_FIELDS = ("user_id", "status", "duration_ms", "delay_ms", "attempts", "error")
+_USER_FIELDS = (
+    *("user_id", "status", "duration_ms", "delay_ms", "attempts", "error", "reason"),
+    "held_s",  # a failed circuit probe: how long the user waits
+)
 # Handled by the renderer itself (level column, event column, tracebacks).
 _RENDERER_KEYS = ("timestamp", "level", "event", "exc_info", "exception", "stack")
 

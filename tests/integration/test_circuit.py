@@ -109,8 +109,14 @@ async def test_a_user_the_backend_always_fails_is_not_the_probe_twice_in_a_row(
     # Retries off; a failing user backs off for 0.06-0.12 s of real time.
     env = {"SYNC_MAX_RETRIES": "0", "SYNC_RETRY_DELAY_SECONDS": "0.01", "SYNC_CONCURRENCY": "1"}
     await backend.faults(error_rate=1.0)
-    opened = await run_cycle(app_db, make_settings, backend.url, gate=gate, **env)
+    with capture_logs() as logs:
+        opened = await run_cycle(app_db, make_settings, backend.url, gate=gate, **env)
     assert opened.circuit_open and gate.state is State.OPEN
+    # The user that waited at the gate when the circuit opened was never called: it is
+    # skipped, in the log as in the counts, and nothing is held against it.
+    per_user = [(e["event"], e["user_id"]) for e in logs if "user_id" in e]
+    assert per_user == [("user_sync_failed", 1), ("user_sync_failed", 2), ("user_sync_skipped", 3)]
+    assert (opened.failed, opened.skipped) == (2, 1)
 
     await backend.faults(fail_users=["1"])
     await asyncio.sleep(0.3)  # every user's own backoff has passed

@@ -49,6 +49,24 @@ def test_a_failed_user_keeps_its_error_on_one_shortened_line() -> None:
     assert shown["error"].endswith("…")
 
 
+def test_a_user_skipped_by_an_open_circuit_says_why_and_a_failed_probe_how_long_it_waits() -> None:
+    skipped = logline.for_people(
+        _synced(
+            event="user_sync_skipped",
+            attempt=0,
+            status=None,
+            duration_ms=0,
+            reason="circuit open, probe in 60 s",
+        )
+    )
+    assert skipped["user_id"] == 7 and skipped["reason"] == "circuit open, probe in 60 s"
+    assert "result" not in skipped
+    probe = logline.for_people(
+        _synced(event="user_sync_failed", status=500, circuit_probe=True, held_s=120, detail="x")
+    )
+    assert probe["held_s"] == 120 and "detail" not in probe
+
+
 def test_other_events_keep_every_field_with_the_run_id_shortened_and_last() -> None:
     record = {
         "run_id": RUN_ID,
