@@ -141,6 +141,11 @@ def flush() -> None:
 atexit.register(flush)
 
 
+def lines_lost() -> int:
+    """Lines dropped by failed writes since start (daemon.logsink), every sink counted."""
+    return sum(sink.lines_lost for sink in list(_Output.sinks))
+
+
 def configure(
     level: str = "INFO",
     fmt: str = "auto",

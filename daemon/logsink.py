@@ -13,11 +13,22 @@ What a gathered line can lose: if the process is killed (SIGKILL, or SIGABRT fro
 systemd watchdog) within GATHER_SECONDS of writing it, that INFO line never reaches the
 journal. A clean exit, a crash through an exception and SIGTERM all flush (`flush` runs
 at exit). The console form on a terminal is never gathered.
+
+A write that fails (the reader of a pipe went away, the journal's stream closed, the disk
+of a redirected file is full) loses those lines and nothing else: they are counted
+(`lines_lost`, the metric background_sync_log_lines_lost_total), the first loss is told
+on stderr, and the daemon goes on. A log line is never worth a cycle: the write happens
+inside whatever logged it, often between a backend's answer and recording it. A broken
+pipe never heals, so the stream is then pointed at /dev/null: what is still buffered and
+every later line are dropped without an error, and the process exits with its own status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 import threading
 from typing import TextIO
 
@@ -38,6 +49,7 @@ class BatchedLines:
         self._lines: list[str] = []
         self._size = 0
         self._timer_loop: asyncio.AbstractEventLoop | None = None  # whose timer will write
+        self.lines_lost = 0  # lines a failed write dropped
 
     def gather(self, message: str) -> None:
         """An INFO or DEBUG line: kept for a moment when the event loop wrote it."""
@@ -78,10 +90,29 @@ class BatchedLines:
         if not self._lines:
             return
         text = "\n".join(self._lines) + "\n"
+        count = len(self._lines)
         self._lines.clear()
         self._size = 0
-        self.file.write(text)
-        self.file.flush()
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except OSError as exc:
+            self._lost(count, exc)
+
+    def _lost(self, count: int, exc: OSError) -> None:
+        first = self.lines_lost == 0
+        self.lines_lost += count
+        if isinstance(exc, BrokenPipeError):
+            _discard(self.file)
+        if first:
+            with contextlib.suppress(Exception):  # stderr is often the same broken stream
+                print(
+                    f"background-sync: writing log lines failed ({exc.strerror or exc});"
+                    " lines that cannot be written are dropped and counted"
+                    " (background_sync_log_lines_lost_total)",
+                    file=sys.__stderr__,
+                    flush=True,
+                )
 
     # structlog calls the method named like the level; the line is its only argument.
     debug = info = msg = log = gather
@@ -89,3 +120,14 @@ class BatchedLines:
 
     def __repr__(self) -> str:
         return f"<BatchedLines file={self.file!r}>"
+
+
+def _discard(file: TextIO) -> None:
+    """Point the stream's descriptor at /dev/null and drop what it still buffers."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, file.fileno())
+        finally:
+            os.close(null)
+        file.flush()  # the buffered remains go to /dev/null

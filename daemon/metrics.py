@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from daemon import logs
 from daemon.backend import CallMeter
 from daemon.freshness import BUCKETS_S, Freshness
 from daemon.health import HealthState
@@ -116,6 +117,24 @@ class BackendCalls(CallMeter):
             "background_sync_backend_requests_in_flight",
             "HTTP attempts to the backend sent and not answered yet.",
             self.in_flight,
+        )
+
+
+class LogLossCollector:
+    """Log lines a failed write dropped (daemon.logsink), read when scraped."""
+
+    def __init__(self, lost: Callable[[], int]) -> None:
+        self._lost = lost
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "background_sync_log_lines_lost",
+            "Log lines dropped because writing them failed (a closed pipe or journal "
+            "stream, a full disk).",
+            value=self._lost(),
         )
 
 
@@ -327,6 +346,7 @@ class Metrics:
             self.limit_changes.labels(reason)
         self._freshness = FreshnessCollector()
         self.registry.register(self._freshness)
+        self.registry.register(LogLossCollector(logs.lines_lost))
         self.follow(circuit=lambda: "closed", credentials_rejected=bool, progress=lambda: None)
 
     def follow(

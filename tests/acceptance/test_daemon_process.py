@@ -16,6 +16,8 @@ import re
 import signal
 import sqlite3
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -636,6 +638,41 @@ def test_once_exits_zero_when_all_synced_and_one_when_any_failed(harness: Harnes
     failed = [e for e in events if e.get("event") == "user_sync_failed"]
     assert [e["user_id"] for e in failed] == [3]
     assert failing.stats()["per_user_calls"]["3"] == 4  # 1 + SYNC_MAX_RETRIES (3)
+
+
+def test_once_whose_log_reader_went_away_still_syncs_and_records_every_user(
+    harness: Harness,
+) -> None:
+    """`once | head -1`, or a journal stream that closed: the log lines are lost, the
+    syncs are not. A write to a pipe nobody reads fails (EPIPE); it must not end the
+    cycle between a backend's answer and recording it. A failing user's warning is
+    written inside its call, so two users fail here."""
+    db = harness.database(users=40)
+    backend = harness.start_backend(latency_ms=20, fail_users=frozenset({"3", "7"}))
+    env = harness.env(backend, SYNC_MAX_RETRIES=0)
+    with subprocess.Popen(
+        [sys.executable, "-m", "daemon", "once"],
+        cwd=harness.tmp,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as once:
+        assert once.stdout is not None and once.stderr is not None
+        try:
+            assert json.loads(once.stdout.readline())["event"]  # one line, then it goes
+            once.stdout.close()
+            stderr = once.stderr.read()
+            status = once.wait(timeout=60)
+        finally:
+            once.kill()
+    assert status == 1, stderr  # some users failed, and nothing else went wrong
+    assert db.synced_ids() == set(range(1, 41)) - {3, 7}
+    assert db.held_leases() == []
+    assert backend.stats()["successes"] == 38
+    assert "writing log lines failed (Broken pipe)" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_status_reports_runs_and_failing_users(harness: Harness) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
+import os
 import threading
 
 from daemon import logs
@@ -154,3 +156,45 @@ def test_a_logger_bound_before_a_reload_still_has_its_lines_flushed_at_exit() ->
         ]
     finally:
         logs.configure("INFO", "json", stream=io.StringIO(), gather=False)
+
+
+def test_a_write_to_a_pipe_nobody_reads_loses_those_lines_and_nothing_else() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader went away (`once | head -1`, a closed journal stream)
+    with open(write_end, "w") as out:
+        sink = BatchedLines(out, seconds=60)
+
+        async def cycle() -> None:
+            sink.info("synced 1")  # gathered
+            sink.warning("failed 2")  # writes both, fails: no exception reaches the caller
+
+        asyncio.run(cycle())
+        assert sink.lines_lost == 2
+        # The stream now goes to /dev/null: later lines cost nothing and raise nothing.
+        sink.warning("failed 3")
+        sink.flush()
+        assert sink.lines_lost == 2
+        assert os.readlink(f"/proc/self/fd/{out.fileno()}") == os.devnull
+
+
+class FullDisk(io.StringIO):
+    """A redirected stdout whose disk is full until `room` is set."""
+
+    room = False
+
+    def write(self, text: str) -> int:
+        if not self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(text)
+
+
+def test_a_full_disk_drops_the_lines_it_could_not_take_and_later_ones_get_through() -> None:
+    out = FullDisk()
+    sink = BatchedLines(out, seconds=60)
+    sink.warning("lost 1")
+    sink.error("lost 2")
+    assert sink.lines_lost == 2
+    out.room = True
+    sink.warning("kept 3")
+    assert out.getvalue().splitlines() == ["kept 3"]
+    assert logs.lines_lost() >= 0  # the metric's source reads every sink in use
