@@ -20,8 +20,10 @@ from typing import Any
 TIME_BIN = Path("/usr/bin/time")
 # Variables of the caller's shell that would change what is measured.
 _SCRUBBED_PREFIXES = ("SYNC_",)
-_SCRUBBED = ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY", "NOTIFY_SOCKET")
-_SCRUBBED += ("WATCHDOG_USEC", "WATCHDOG_PID")
+_SCRUBBED = (
+    *("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY", "NOTIFY_SOCKET"),
+    *("WATCHDOG_USEC", "WATCHDOG_PID"),
+)
 
 
 class BenchError(Exception):
