@@ -112,7 +112,13 @@ def build(db: Database, users: UsersTable, cols: UserColumns, lease_seconds: flo
     s = user_state.c
     by_keys = s.user_key.in_(bindparam("b_keys", expanding=True))
     fence = (s.user_key == bindparam("b_key"), s.lease_token == bindparam("b_token"))
-    unlease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
+
+    def ending_lease(**values: Any) -> BulkStatement:
+        """The state row's write at a claim's end: under the claim's own token only, the
+        lease cleared, and these columns set."""
+        unlease = {"lease_owner": None, "lease_token": None, "lease_expires_at": None}
+        return BulkStatement(update(user_state).where(*fence).values(**unlease, **values), dialect)
+
     return Statements(
         take_lease=BulkStatement(
             _take_lease(
@@ -141,33 +147,21 @@ def build(db: Database, users: UsersTable, cols: UserColumns, lease_seconds: flo
             .values({users.last_sync_column: bindparam("b_synced_at", type_=cols.last_sync.type)}),
             dialect,
         ),
-        decide=BulkStatement(
-            update(user_state)
-            .where(*fence)
-            .values(
-                **unlease,
-                last_success_at=func.coalesce(
-                    bindparam("last_success_at", type_=s.last_success_at.type),
-                    s.last_success_at,
-                ),
-                consecutive_failures=bindparam("consecutive_failures", type_=Integer),
-                # NULL (a success) clears the backoff; a failure's runs from db time.
-                next_attempt_at=dbclock.after(db.dialect, bindparam("b_backoff", type_=Float)),
-                last_status=bindparam("last_status", type_=s.last_status.type),
-                last_error=bindparam("last_error", type_=s.last_error.type),
+        decide=ending_lease(
+            last_success_at=func.coalesce(
+                bindparam("last_success_at", type_=s.last_success_at.type), s.last_success_at
             ),
-            dialect,
+            consecutive_failures=bindparam("consecutive_failures", type_=Integer),
+            # NULL (a success) clears the backoff; a failure's runs from db time.
+            next_attempt_at=dbclock.after(db.dialect, bindparam("b_backoff", type_=Float)),
+            last_status=bindparam("last_status", type_=s.last_status.type),
+            last_error=bindparam("last_error", type_=s.last_error.type),
         ),
-        leave_undecided=BulkStatement(
-            update(user_state)
-            .where(*fence)
-            .values(
-                **unlease,
-                last_status=func.coalesce(
-                    bindparam("last_status", type_=s.last_status.type), s.last_status
-                ),
+        # CONFLICT and RELEASED decide nothing: the failure history stays as it was.
+        leave_undecided=ending_lease(
+            last_status=func.coalesce(
+                bindparam("last_status", type_=s.last_status.type), s.last_status
             ),
-            dialect,
         ),
         record=BulkStatement(_record(dialect_insert(db.dialect)), dialect),
     )
