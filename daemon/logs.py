@@ -22,7 +22,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from daemon import logline
-from daemon.logsink import BatchedLines
+from daemon.logsink import GATHER_SECONDS, BatchedLines
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING}
 _LEVELS["ERROR"] = logging.ERROR
@@ -128,6 +128,7 @@ class _Output:
     """
 
     sink: BatchedLines | None = None
+    seconds = 0.0  # the sink's gather time
     gather = False
     sinks: weakref.WeakSet[BatchedLines] = weakref.WeakSet()
 
@@ -177,9 +178,13 @@ def configure(
     else:
         processors = [_JsonLine(secrets)]
     factory: Any = structlog.WriteLoggerFactory(file=out)
-    if _Output.gather and not console:
-        if _Output.sink is None or _Output.sink.file is not out:
-            _Output.sink = BatchedLines(out)
+    if _Output.gather:
+        # The daemon's commands: a failed write never reaches the code that logged
+        # (daemon.logsink). The console form is for a person watching: never gathered.
+        seconds = 0.0 if console else GATHER_SECONDS
+        if _Output.sink is None or _Output.sink.file is not out or _Output.seconds != seconds:
+            _Output.sink = BatchedLines(out, seconds=seconds)
+            _Output.seconds = seconds
             _Output.sinks.add(_Output.sink)
         sink = _Output.sink
         factory = lambda *_names: sink  # noqa: E731  (every logger name gets the one sink)

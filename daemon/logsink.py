@@ -37,7 +37,11 @@ GATHER_CHARS = 64 * 1024
 
 
 class BatchedLines:
-    """A structlog logger (its methods take the rendered line) writing lines in batches."""
+    """A structlog logger (its methods take the rendered line) writing lines in batches.
+
+    With `seconds` 0 every line is written at once; a write that fails is still dropped
+    and counted rather than raised.
+    """
 
     def __init__(
         self, file: TextIO, *, seconds: float = GATHER_SECONDS, chars: int = GATHER_CHARS
@@ -52,7 +56,11 @@ class BatchedLines:
         self.lines_lost = 0  # lines a failed write dropped
 
     def gather(self, message: str) -> None:
-        """An INFO or DEBUG line: kept for a moment when the event loop wrote it."""
+        """An INFO or DEBUG line: kept for a moment when the event loop wrote it (never,
+        with `seconds` 0: the console form of the daemon's commands)."""
+        if self._seconds <= 0:
+            self.urgent(message)
+            return
         try:
             loop = asyncio.get_running_loop()  # only this thread's: others write at once
         except RuntimeError:

@@ -198,3 +198,17 @@ def test_a_full_disk_drops_the_lines_it_could_not_take_and_later_ones_get_throug
     sink.warning("kept 3")
     assert out.getvalue().splitlines() == ["kept 3"]
     assert logs.lines_lost() >= 0  # the metric's source reads every sink in use
+
+
+def test_the_daemons_console_lines_are_written_at_once_and_a_failed_write_is_not_raised() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as out:
+        logs.configure("INFO", "console", stream=out, gather=True)
+        try:
+            before = logs.lines_lost()
+            logs.get_logger().warning("user_sync_failed", user_id=3)  # no exception
+            logs.get_logger().info("user_synced", user_id=4)  # to /dev/null now
+            assert logs.lines_lost() == before + 1
+        finally:
+            logs.configure("INFO", "json", stream=io.StringIO(), gather=False)
