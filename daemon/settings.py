@@ -216,8 +216,14 @@ class _Reader:
             raw = empty
         try:
             return parse(raw.strip())
+        except _Unshown as exc:
+            raise ConfigError(f"{name}: {exc}") from None
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{name}: {exc} (got {raw.strip()!r})") from None
+
+
+class _Unshown(ValueError):
+    """A value refused because it holds a secret: the error must not repeat the value."""
 
 
 def _number(low: float, high: float) -> Callable[[str], float]:
@@ -289,6 +295,13 @@ def _table_name(raw: str) -> str:
 
 def _http_url(raw: str) -> str:
     parts = urlsplit(raw)
+    if parts.username is not None or parts.password is not None:
+        # aiohttp would send them as Basic auth (and refuse every call beside a bearer
+        # token), and the URL is shown by check-config and in error messages.
+        raise _Unshown(
+            "must not carry credentials (user:password@host): the backend's bearer token "
+            "goes in SYNC_BACKEND_TOKEN_FILE, which is never shown or logged"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
     return raw

@@ -133,6 +133,23 @@ def test_database_password_is_hidden_in_the_printed_configuration() -> None:
     assert "hunter2" not in settings.redacted()["database_url"]
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://alice:hunter2@backend.internal/api/v1/sync/start",
+        "https://alice@backend.internal/api/v1/sync/start",
+        "http://:hunter2@backend.internal/sync",
+    ],
+)
+def test_a_backend_url_with_credentials_is_refused_without_repeating_them(url: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load({"SYNC_BACKEND_URL": url})
+    message = str(refused.value)
+    assert message.startswith("SYNC_BACKEND_URL: must not carry credentials")
+    assert "SYNC_BACKEND_TOKEN_FILE" in message
+    assert "hunter2" not in message and "alice" not in message
+
+
 def test_settings_are_immutable() -> None:
     settings = load({})
     with pytest.raises(AttributeError):
