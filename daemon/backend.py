@@ -30,6 +30,9 @@ from daemon.values import Claim, Outcome
 RETRY_DELAY_CAP_SECONDS = 60.0
 RETRY_AFTER_CAP_SECONDS = 300.0
 POLL_INTERVAL_START_SECONDS = 0.2
+# A failed circuit probe's user waits until this long after the next probe: time enough
+# for that probe cycle to claim its users, even on a slow database.
+PROBE_HOLD_MARGIN_SECONDS = 60.0
 POLL_INTERVAL_CAP_SECONDS = 10.0
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 # What aiohttp decompresses (brotli and zstd only when their modules are installed; when
@@ -250,10 +253,10 @@ class BackendClient:
                 self._gate.record(ticket, healthy, result.retry_after)
                 if ticket.probe and not healthy:
                     # The users first in line are often the ones the backend fails on
-                    # their own (never synced, so first by id). Held past the next probe,
-                    # this one lets another user's call be that probe, instead of
+                    # their own (never synced, so first by id). Held until after the next
+                    # probe, this one lets another user's call be that probe, instead of
                     # re-opening the circuit for one account while the backend is well.
-                    hold = 2 * (self._gate.probe_in() or 0.0)
+                    hold = (self._gate.probe_in() or 0.0) + PROBE_HOLD_MARGIN_SECONDS
                 if result.progress_url is not None:
                     bound = self._settings.poll_max_seconds + self._settings.request_timeout_seconds
                     with watch.bounded(bound, "backend progress polling"):

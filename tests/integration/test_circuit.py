@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 from structlog.testing import capture_logs
 
+from daemon.backend import PROBE_HOLD_MARGIN_SECONDS
 from daemon.resilience import BackendGate, State
 from tests.conftest import AppDatabase, ReferenceBackend, SettingsFactory
 from tests.integration.test_cycle import run_cycle, synced
@@ -127,7 +128,7 @@ async def test_a_user_the_backend_always_fails_is_not_the_probe_twice_in_a_row(
     assert gate.state is State.OPEN
     called = [e for e in logs if e["event"] == "user_sync_failed" and e["attempt"]]
     assert [(e["user_id"], e.get("circuit_probe")) for e in called] == [(1, True)]
-    assert called[0]["held_s"] == round(2 * RESET_SECONDS)
+    assert called[0]["held_s"] == round(RESET_SECONDS + PROBE_HOLD_MARGIN_SECONDS)
 
     await asyncio.sleep(0.3)  # longer than user 1's backoff would have been
     clock[0] += RESET_SECONDS + 1
