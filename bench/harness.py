@@ -40,6 +40,12 @@ def trees(specs: Sequence[str]) -> list[tuple[str, Path | None]]:
     return found
 
 
+def spread(values: Sequence[float], spec: str) -> str:
+    """A tree's rounds as every table writes them: `median (low-high)` (report.Spread)."""
+    found = report.Spread.of(values)
+    return found.fmt(spec) if found is not None else "-"
+
+
 def publish(section: str, text: str, *, write_doc: bool) -> None:
     """Print a figure's text; with `write_doc`, also put it in its section of the doc."""
     say(text)

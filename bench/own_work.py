@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,10 +89,7 @@ def body(argv: Sequence[str] | None) -> int:
             work.dispose()
     lines = ["| tree | CPU µs per user, HTTP replaced |", "|---|---:|"]
     for name, _ in trees:
-        values = figures[name]
-        lines.append(
-            f"| {name} | {statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f}) |"
-        )
+        lines.append(f"| {name} | {harness.spread(figures[name], '.0f')} |")
     text = "\n".join(lines) + (
         f"\n\n{args.due:,} due users, SQLite, INFO lines to a file, {args.rounds} interleaved "
         f"rounds; median (range). Load before: `{load_before}`; after: `{report.uptime()}`."

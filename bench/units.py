@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,10 +105,7 @@ def body(argv: Sequence[str] | None) -> int:
     header = "| step (µs of CPU per user) | " + " | ".join(n for n, _ in trees) + " |"
     lines = [header, "|---|" + "---:|" * len(trees)]
     for key, label in STEPS:
-        cells = []
-        for name, _ in trees:
-            values = [f[key] for f in figures[name]]
-            cells.append(f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})")
+        cells = [harness.spread([f[key] for f in figures[name]], ".1f") for name, _ in trees]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + (
         f"\n\n{args.users:,} users, {args.rounds} interleaved rounds, median (range). "
