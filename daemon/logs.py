@@ -128,7 +128,6 @@ class _Output:
     """
 
     sink: BatchedLines | None = None
-    seconds = 0.0  # the sink's gather time
     gather = False
     sinks: weakref.WeakSet[BatchedLines] = weakref.WeakSet()
 
@@ -140,11 +139,6 @@ def flush() -> None:
 
 
 atexit.register(flush)
-
-
-def lines_lost() -> int:
-    """Lines dropped by failed writes since start (daemon.logsink), every sink counted."""
-    return sum(sink.lines_lost for sink in list(_Output.sinks))
 
 
 def configure(
@@ -182,9 +176,8 @@ def configure(
         # The daemon's commands: a failed write never reaches the code that logged
         # (daemon.logsink). The console form is for a person watching: never gathered.
         seconds = 0.0 if console else GATHER_SECONDS
-        if _Output.sink is None or _Output.sink.file is not out or _Output.seconds != seconds:
+        if _Output.sink is None or _Output.sink.file is not out or _Output.sink.seconds != seconds:
             _Output.sink = BatchedLines(out, seconds=seconds)
-            _Output.seconds = seconds
             _Output.sinks.add(_Output.sink)
         sink = _Output.sink
         factory = lambda *_names: sink  # noqa: E731  (every logger name gets the one sink)

@@ -36,6 +36,19 @@ GATHER_SECONDS = 0.05
 GATHER_CHARS = 64 * 1024
 
 
+class _Dropped:
+    """Lines every sink of the process has dropped: the metric is a counter, so it must
+    not fall when a sink that lost lines is replaced (a reload to another format)."""
+
+    lock = threading.Lock()
+    lines = 0
+
+
+def lines_lost() -> int:
+    """Lines dropped by failed writes since the process started, every sink counted."""
+    return _Dropped.lines
+
+
 class BatchedLines:
     """A structlog logger (its methods take the rendered line) writing lines in batches.
 
@@ -47,7 +60,7 @@ class BatchedLines:
         self, file: TextIO, *, seconds: float = GATHER_SECONDS, chars: int = GATHER_CHARS
     ) -> None:
         self.file = file
-        self._seconds = seconds
+        self.seconds = seconds
         self._chars = chars
         self._lock = threading.Lock()
         self._lines: list[str] = []
@@ -58,7 +71,7 @@ class BatchedLines:
     def gather(self, message: str) -> None:
         """An INFO or DEBUG line: kept for a moment when the event loop wrote it (never,
         with `seconds` 0: the console form of the daemon's commands)."""
-        if self._seconds <= 0:
+        if self.seconds <= 0:
             self.urgent(message)
             return
         try:
@@ -73,7 +86,7 @@ class BatchedLines:
                 self._write_locked()
             elif self._timer_loop is not loop:
                 # None, or a loop that has ended (its timer never fires): this loop's timer.
-                loop.call_later(self._seconds, self._fired)
+                loop.call_later(self.seconds, self._fired)
                 self._timer_loop = loop
 
     def urgent(self, message: str) -> None:
@@ -108,8 +121,10 @@ class BatchedLines:
             self._lost(count, exc)
 
     def _lost(self, count: int, exc: OSError) -> None:
-        first = self.lines_lost == 0
         self.lines_lost += count
+        with _Dropped.lock:
+            first = _Dropped.lines == 0
+            _Dropped.lines += count
         if isinstance(exc, BrokenPipeError):
             _discard(self.file)
         if first:

@@ -30,7 +30,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from daemon import logs
+from daemon import logsink
 from daemon.backend import CallMeter
 from daemon.freshness import BUCKETS_S, Freshness
 from daemon.health import HealthState
@@ -346,7 +346,7 @@ class Metrics:
             self.limit_changes.labels(reason)
         self._freshness = FreshnessCollector()
         self.registry.register(self._freshness)
-        self.registry.register(LogLossCollector(logs.lines_lost))
+        self.registry.register(LogLossCollector(logsink.lines_lost))
         self.follow(circuit=lambda: "closed", credentials_rejected=bool, progress=lambda: None)
 
     def follow(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import io
 import json
 import os
 import threading
 
-from daemon import logs
+from daemon import logs, logsink
 from daemon.logsink import BatchedLines
 
 
@@ -197,7 +198,7 @@ def test_a_full_disk_drops_the_lines_it_could_not_take_and_later_ones_get_throug
     out.room = True
     sink.warning("kept 3")
     assert out.getvalue().splitlines() == ["kept 3"]
-    assert logs.lines_lost() >= 0  # the metric's source reads every sink in use
+    assert logsink.lines_lost() >= 0  # the metric's source reads every sink in use
 
 
 def test_the_daemons_console_lines_are_written_at_once_and_a_failed_write_is_not_raised() -> None:
@@ -206,9 +207,26 @@ def test_the_daemons_console_lines_are_written_at_once_and_a_failed_write_is_not
     with open(write_end, "w") as out:
         logs.configure("INFO", "console", stream=out, gather=True)
         try:
-            before = logs.lines_lost()
+            before = logsink.lines_lost()
             logs.get_logger().warning("user_sync_failed", user_id=3)  # no exception
             logs.get_logger().info("user_synced", user_id=4)  # to /dev/null now
-            assert logs.lines_lost() == before + 1
+            assert logsink.lines_lost() == before + 1
+        finally:
+            logs.configure("INFO", "json", stream=io.StringIO(), gather=False)
+
+
+def test_the_count_of_lost_lines_never_falls_when_a_reload_replaces_the_sink() -> None:
+    """It is a Prometheus counter: a sink that lost lines and is then dropped keeps them."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as out:
+        logs.configure("INFO", "json", stream=out, gather=True)
+        try:
+            before = logsink.lines_lost()
+            logs.get_logger().warning("user_sync_failed", user_id=3)
+            assert logsink.lines_lost() == before + 1
+            logs.configure("INFO", "console", stream=out)  # a reload to another form
+            gc.collect()
+            assert logsink.lines_lost() == before + 1
         finally:
             logs.configure("INFO", "json", stream=io.StringIO(), gather=False)
